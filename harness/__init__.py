@@ -1,0 +1,1 @@
+"""The verification engine: specs in, tests, measurements, verdicts and reports out."""

@@ -1,0 +1,96 @@
+"""``python -m harness list|check|bench|report``: the verification engine's command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from harness.spec import SpecError, load_specs, select
+
+
+def _specs(args: argparse.Namespace, check_import: bool = True):
+    specs = select(load_specs(check_import=check_import), args.k)
+    if not specs:
+        sys.exit(f"no spec matches -k {args.k!r}; `python -m harness list` shows them all")
+    return specs
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for spec in _specs(args, check_import=False):
+        print(f"{spec.project:2d}  {spec.slug:30s} {spec.status:12s} "
+              f"{len(spec.checks)} checks, {len(spec.claims)} claims  {spec.title}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import pytest
+
+    from harness.bench import OUT_DIR
+
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    pytest_args = ["tests/test_specs.py", "-q", f"--junitxml={OUT_DIR / 'checks.xml'}"]
+    if args.k:
+        slugs = [s.slug for s in _specs(args, check_import=False)]
+        pytest_args += ["-k", " or ".join(slugs)]
+    return int(pytest.main(pytest_args + args.pytest_args))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from harness import bench, report
+
+    specs = _specs(args)
+    results = bench.run(specs, quick=args.quick, progress=not args.no_progress)
+    index = report.render(results)
+    ran = {s.slug for s in specs}
+    for project in results["projects"]:
+        if project["slug"] not in ran or project["status"] == "planned":
+            continue
+        for c in project["claims"]:
+            value = "" if c["value"] is None else f"{c['value']:.4g}{c['unit'] and ' ' + c['unit']}"
+            print(f"P{project['project']:<2} {project['slug']:<28} {c['verdict']:<6} {value:>14}  {c['name']}")
+    print(f"report: {index}")
+    if args.gate:
+        failures = bench.gate_failures(results, ran)
+        for line in failures:
+            print(f"GATE: {line}", file=sys.stderr)
+        return 1 if failures else 0
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness import report
+    from harness.bench import RESULTS
+
+    if not RESULTS.is_file():
+        sys.exit(f"no results at {RESULTS}: run `python -m harness bench` (or `nox -s bench`) first")
+    print(f"report: {report.render()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, helptext in [
+        ("list", "list every spec with its status, checks and claims"),
+        ("check", "run the spec-driven checks (pytest); extra args after -- go to pytest"),
+        ("bench", "measure every claim, write reports/out/results.json and the HTML report"),
+        ("report", "re-render the HTML report from reports/out/results.json"),
+    ]:
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("-k", metavar="PROJECT", help="only projects whose slug, title or number matches")
+        if name == "bench":
+            p.add_argument("--quick", action="store_true", help="CI-sized workloads (minutes, not tens of minutes)")
+            p.add_argument("--gate", action="store_true", help="exit 1 if a gated claim fails or any claim errors")
+            p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "check":
+            p.add_argument("pytest_args", nargs="*", help="passed to pytest")
+    args = parser.parse_args(argv)
+    try:
+        return {"list": cmd_list, "check": cmd_check, "bench": cmd_bench, "report": cmd_report}[args.command](args)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Render ``reports/out/results.json`` into ``index.html`` (the claims ledger of all 30 projects)
+and one page per project with its plots (matplotlib PNGs)."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: render to files
+import matplotlib.pyplot as plt  # noqa: E402
+from jinja2 import Environment, FileSystemLoader, select_autoescape  # noqa: E402
+
+from harness.bench import OUT_DIR, load_results  # noqa: E402
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "reports" / "templates"
+CHECKS_XML = OUT_DIR / "checks.xml"
+VERDICTS = ("holds", "fails", "n/a", "error", "planned")
+
+
+def fmt(value: Any) -> str:
+    """A number in 4 significant figures; anything else as text."""
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, (int, float)):
+        return f"{value:,.4g}" if abs(value) < 1e6 else f"{value:,.0f}"
+    return str(value)
+
+
+def bound_text(bound: dict[str, float]) -> str:
+    if "min" in bound and "max" in bound:
+        return f"= {fmt(bound['min'])}" if bound["min"] == bound["max"] else \
+            f"{fmt(bound['min'])} .. {fmt(bound['max'])}"
+    return f">= {fmt(bound['min'])}" if "min" in bound else f"<= {fmt(bound['max'])}"
+
+
+def render_plot(plot: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    if plot.get("kind") == "bar":
+        names = list(plot["series"])
+        values = [v for name in names for v in plot["series"][name]]
+        labels = plot.get("xlabel", "").split(" | ") if " | " in plot.get("xlabel", "") else [
+            str(x) for x in plot["x"]]
+        ax.bar(range(len(values)), values, color="#4a7bb7")
+        ax.set_xticks(range(len(values)), labels[: len(values)], rotation=15)
+        ax.set_ylabel(plot.get("ylabel", ""))
+    else:
+        for name, ys in plot["series"].items():
+            ax.plot(plot["x"][: len(ys)], ys, marker="o", markersize=3, label=name)
+        ax.set_xlabel(plot.get("xlabel", ""))
+        ax.set_ylabel(plot.get("ylabel", ""))
+        ax.legend(fontsize=8)
+        if plot.get("logx"):
+            ax.set_xscale("log")
+        if plot.get("logy"):
+            ax.set_yscale("log")
+    ax.set_title(plot.get("title", ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def check_outcomes() -> dict[str, dict[str, int]]:
+    """From the last ``harness check`` run (JUnit XML): passed/failed test counts per spec slug."""
+    if not CHECKS_XML.is_file():
+        return {}
+    counts: dict[str, Counter] = {}
+    for case in ET.parse(CHECKS_XML).getroot().iter("testcase"):
+        match = re.search(r"\[([a-z0-9_]+)/", case.get("name", ""))
+        if not match:
+            continue
+        failed = any(child.tag in ("failure", "error") for child in case)
+        skipped = any(child.tag == "skipped" for child in case)
+        outcome = "failed" if failed else "skipped" if skipped else "passed"
+        counts.setdefault(match.group(1), Counter())[outcome] += 1
+    return {slug: dict(c) for slug, c in counts.items()}
+
+
+def render(results: dict[str, Any] | None = None, out_dir: Path = OUT_DIR) -> Path:
+    """Write index.html, one page per project and their plots; returns the index path."""
+    results = results if results is not None else load_results()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "img").mkdir(exist_ok=True)
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
+    env.filters["fmt"] = fmt
+    env.filters["bound"] = bound_text
+    checks = check_outcomes()
+    totals: Counter = Counter()
+    for project in results["projects"]:
+        project["check_outcomes"] = checks.get(project["slug"], {})
+        for claim in project["claims"]:
+            totals[claim["verdict"]] += 1
+            claim["images"] = []
+            for i, plot in enumerate(claim.get("plots") or []):
+                name = f"img/{project['slug']}-{re.sub(r'[^a-z0-9]+', '-', claim['name'].lower())}-{i}.png"
+                render_plot(plot, out_dir / name)
+                claim["images"].append(name)
+        page = env.get_template("project.html.j2").render(p=project)
+        (out_dir / f"{project['project']:02d}_{project['slug']}.html").write_text(page)
+    phases: dict[str, list[dict[str, Any]]] = {}
+    for project in results["projects"]:
+        phases.setdefault(project["phase"], []).append(project)
+    index = env.get_template("index.html.j2").render(
+        phases=phases, totals=[(v, totals.get(v, 0)) for v in VERDICTS], updated=results.get("updated", ""),
+    )
+    path = out_dir / "index.html"
+    path.write_text(index)
+    return path
+
+
+def main() -> None:
+    print(render())
+
+
+if __name__ == "__main__":
+    main()

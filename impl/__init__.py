@@ -1,0 +1,1 @@
+"""Our implementations: one package per technique, naive.py beside fast.py."""

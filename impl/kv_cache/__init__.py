@@ -1,0 +1,2 @@
+"""Project 8: KV-cache. ``naive.generate`` recomputes the whole context each step;
+``fast.generate`` keeps per-layer keys and values in a pre-allocated cache."""

@@ -1,0 +1,235 @@
+"""The one training loop: AdamW, warm-up + cosine decay, clipping, gradient accumulation,
+autocast (bf16 / fp16 with a loss scaler), validation checkpoints, bit-exact resume, JSONL metrics
+(optionally TensorBoard too, see ``tracking.py``).
+
+Token data may be any 1-D integer array: an in-memory ``np.ndarray`` or an ``np.memmap`` over a
+token file far larger than memory (``random_batch`` only reads the windows it draws).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from impl.data.tokens import random_batch
+from impl.gpt.model import lm_loss
+from impl.train.checkpoint import load_checkpoint, save_checkpoint
+from impl.train.tracking import MetricsLog
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters; the defaults are nanoGPT's shakespeare_char CPU recipe."""
+
+    max_iters: int = 2000
+    batch_size: int = 12
+    block_size: int = 64
+    grad_accum_steps: int = 1
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_iters: int = 20
+    seed: int = 1337
+    dtype: str = "fp32"  # autocast dtype: fp32 (off), bf16, fp16 (needs a loss scaler)
+    stop_after: int | None = None  # stop early at this iteration (to test resume)
+    log_interval: int = 0  # log the step loss every this many iterations (0: eval rows only)
+    tensorboard: bool = False  # also log to TensorBoard (when the package is installed)
+
+
+class LossScaler(Protocol):
+    """The ``torch.amp.GradScaler`` interface the loop uses (ours in P7 has the same)."""
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor: ...
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def step(self, optimizer: torch.optim.Optimizer) -> Any: ...
+
+    def update(self) -> None: ...
+
+
+def _scaler_state(scaler: LossScaler | None) -> dict[str, Any] | None:
+    """The scaler's scalar state (scale, growth tracker) for a checkpoint, if it exposes one."""
+    if scaler is None or not hasattr(scaler, "state_dict"):
+        return None
+    return {k: v.item() if torch.is_tensor(v) else v for k, v in scaler.state_dict().items()}
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation
+    step_losses: list[tuple[int, float]] = field(default_factory=list)  # (iter, loss) of this session
+    final_val_loss: float = math.nan
+    best_val_loss: float = math.nan
+    iters: int = 0
+    wall_s: float = 0.0
+    tokens_per_s: float = 0.0
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``learning_rate``, then cosine decay to ``min_lr`` at ``lr_decay_iters``."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+
+def autocast(dtype: str, device: str):
+    """An autocast context for ``dtype`` (a no-op for fp32)."""
+    return torch.autocast(device_type=device, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: torch.nn.Module, data: np.ndarray, cfg: TrainConfig, device: str = "cpu"
+) -> float:
+    """Mean loss over ``eval_iters`` batches drawn from a fixed generator: the same batches at every
+    evaluation, so the curve shows the model changing, not the sample."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    losses = []
+    for _ in range(cfg.eval_iters):
+        x, y = random_batch(data, cfg.batch_size, cfg.block_size, gen)
+        with autocast(cfg.dtype, device):
+            losses.append(lm_loss(model(x.to(device)), y.to(device)).item())
+    model.train(was_training)
+    return float(np.mean(losses))
+
+
+def train(
+    model: torch.nn.Module,
+    train_data: np.ndarray,
+    val_data: np.ndarray,
+    cfg: TrainConfig,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    scaler: LossScaler | None = None,
+    progress: bool = True,
+    extra_meta: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` on token arrays; with ``out_dir``, checkpoint at each evaluation
+    (``last.safetensors``, and ``best.safetensors`` on a new best val loss) and log
+    ``metrics.jsonl``. ``resume`` continues from ``last.safetensors`` bit-exactly."""
+    device = next(model.parameters()).device.type
+    if cfg.dtype == "fp16" and scaler is None:
+        raise ValueError("dtype fp16 needs a loss scaler (pass scaler=...): fp16 gradients underflow")
+    optimizer = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # dropout
+    out = Path(out_dir) if out_dir is not None else None
+    result = TrainResult()
+    start_iter = 0
+    if resume:
+        if out is None:
+            raise ValueError("resume needs out_dir")
+        meta, rng = load_checkpoint(out / "last.safetensors", model, optimizer)
+        start_iter = meta["iter"]
+        gen.set_state(rng["batches"])
+        torch.set_rng_state(rng["torch"])
+        result.history = meta.get("history", [])
+        result.best_val_loss = meta.get("best_val_loss", math.nan)
+        if scaler is not None and meta.get("scaler") is not None and hasattr(scaler, "load_state_dict"):
+            scaler.load_state_dict(meta["scaler"])  # fp16: the loss scale is part of the state
+    metrics = MetricsLog(out, start_iter if resume else None, cfg.tensorboard) if out is not None else None
+    model.train()
+    stop = cfg.max_iters if cfg.stop_after is None else min(cfg.max_iters, cfg.stop_after)
+    tokens = 0
+    t0 = time.perf_counter()
+    bar = tqdm(range(start_iter, stop + 1), desc="train", disable=not progress, leave=False)
+    for it in bar:
+        evaluated_before_interruption = resume and it == start_iter
+        if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not evaluated_before_interruption:
+            row = {
+                "kind": "eval",
+                "iter": it,
+                "train_loss": estimate_loss(model, train_data, cfg, device),
+                "val_loss": estimate_loss(model, val_data, cfg, device),
+                "lr": lr_at(it, cfg),
+                "elapsed_s": time.perf_counter() - t0,
+            }
+            result.history.append(row)
+            bar.set_postfix(val=f"{row['val_loss']:.3f}")
+            if metrics is not None:
+                metrics.write(row)
+            improved = not (row["val_loss"] >= result.best_val_loss)  # also True on the first (nan)
+            if improved:
+                result.best_val_loss = row["val_loss"]
+            if out is not None:
+                meta = {
+                    "iter": it,
+                    "train_config": asdict(cfg),
+                    "history": result.history,
+                    "best_val_loss": result.best_val_loss,
+                    "scaler": _scaler_state(scaler),
+                    **(extra_meta or {}),
+                }
+                rng = {"batches": gen.get_state(), "torch": torch.get_rng_state()}
+                save_checkpoint(out / "last.safetensors", model, optimizer, rng, meta)
+                if improved:
+                    save_checkpoint(out / "best.safetensors", model, None, None, meta)
+        if it == stop:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(it, cfg)
+        step_loss = torch.zeros((), device=device)  # summed on device: no sync per micro-batch
+        for _ in range(cfg.grad_accum_steps):
+            x, y = random_batch(train_data, cfg.batch_size, cfg.block_size, gen)
+            x, y = x.to(device), y.to(device)
+            with autocast(cfg.dtype, device):
+                loss = lm_loss(model(x), y) / cfg.grad_accum_steps
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            step_loss += loss.detach().float()
+            tokens += x.numel()
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.log_interval > 0 and it % cfg.log_interval == 0:
+            row = {"kind": "step", "iter": it, "loss": step_loss.item(), "lr": lr_at(it, cfg)}
+            result.step_losses.append((it, row["loss"]))
+            if metrics is not None:
+                metrics.write(row)
+    result.wall_s = time.perf_counter() - t0
+    result.iters = stop
+    result.tokens_per_s = tokens / result.wall_s if result.wall_s > 0 else 0.0
+    if result.history:
+        result.final_val_loss = result.history[-1]["val_loss"]
+    if metrics is not None:
+        metrics.close()
+    return result

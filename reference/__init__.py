@@ -1,0 +1,1 @@
+"""Thin adapters to trusted libraries: the oracles we agree with and the peers we race."""

@@ -1,0 +1,183 @@
+"""The engine itself: spec validation errors, verdicts, measurement helpers, the report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import bench, report
+from harness.checks import CheckFailed, run_case
+from harness.measure import interleaved, peak_memory_bytes, quartiles
+from harness.spec import Check, SpecError, load_spec, load_specs
+
+GOOD = """
+project = 8
+slug = "kv_cache"
+title = "KV-Cache"
+phase = "Phase 3"
+status = "implemented"
+seed_outcome = "10-30x faster text generation."
+builds = ["KV-Cache from scratch"]
+
+[implementations]
+naive = "impl.kv_cache.naive:greedy"
+fast = "impl.kv_cache.fast:greedy"
+
+[[check]]
+name = "greedy tokens identical"
+kind = "exact"
+compare = ["naive", "fast"]
+cases = "tests.cases.kv_cache:prompts"
+mutants = ["tests.mutants.kv_cache:stale_cache"]
+
+[[claim]]
+name = "speedup"
+seed = "10-30x"
+metric = "speedup"
+bound = { min = 10 }
+workload = "benchmarks.workloads.kv_cache:speedup_512"
+devices = ["cpu"]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "08_kv_cache.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_every_spec_in_the_repository_loads():
+    specs = load_specs()
+    assert [s.project for s in specs] == list(range(1, 31)), "one spec per roadmap project, 1..30"
+
+
+def test_a_good_spec_loads(tmp_path):
+    spec = load_spec(write(tmp_path, GOOD))
+    assert spec.checks[0].subject == "fast" and spec.claims[0].bound == {"min": 10.0}
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "problem"),
+    [
+        (lambda s: s.replace('title = "KV-Cache"\n', ""), "title", "missing required key"),
+        (lambda s: s.replace("bound = { min = 10 }", 'bound = { min = "ten" }'), "claim[0].bound.min",
+         "must be float"),
+        (lambda s: s.replace("project = 8", 'project = "8"'), "project", "must be int"),
+        (lambda s: s.replace("impl.kv_cache.fast:greedy", "impl.kv_cache.fast:no_such_thing"),
+         "implementations.fast", "cannot resolve"),
+        (lambda s: s.replace("impl.kv_cache.fast:greedy", "impl.kv_cache.fast"), "implementations.fast",
+         "must be 'module:callable'"),
+        (lambda s: s.replace('kind = "exact"', 'kind = "roughly"'), "check[0].kind", "must be one of"),
+        (lambda s: s.replace('mutants = ["tests.mutants.kv_cache:stale_cache"]', "mutants = []"),
+         "check[0].mutants", "at least one mutant"),
+        (lambda s: s.replace('compare = ["naive", "fast"]', 'compare = ["naive", "fastest"]'),
+         "check[0].compare[1]", "not in [implementations]"),
+        (lambda s: s.replace('devices = ["cpu"]', 'devices = ["tpu"]'), "claim[0].devices[0]", "must be one of"),
+        (lambda s: s.replace("project = 8", "project = 9"), "project", "file name says 8"),
+    ],
+    ids=["missing-key", "wrong-type-bound", "wrong-type-project", "unknown-callable", "not-a-target",
+         "bad-check-kind", "no-mutants", "unknown-compare", "bad-device", "number-mismatch"],
+)
+def test_a_bad_spec_gives_one_line_naming_file_and_key(tmp_path, change, key, problem):
+    path = write(tmp_path, change(GOOD))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"spec {path.as_posix()}: {key}: ")
+    assert problem in message
+
+
+def test_the_cli_reports_a_bad_spec_in_one_line(tmp_path):
+    bad = write(tmp_path, GOOD.replace("bound = { min = 10 }", 'bound = { min = "ten" }'))
+    code = (
+        "import sys, harness.spec as s; s.SPECS_DIR = s.Path(sys.argv[1]);"
+        "from harness.__main__ import main; sys.exit(main(['list']))"
+    )
+    # list does not import callables: it still validates types
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"error: spec {bad.as_posix()}: claim[0].bound.min: "
+                                  "must be float, got str 'ten'")
+
+
+def test_verdicts_follow_the_bound():
+    assert bench.judge(12.0, {"min": 10}) == "holds"
+    assert bench.judge(9.99, {"min": 10}) == "fails"
+    assert bench.judge(1.0, {"min": 1, "max": 1}) == "holds"
+    assert bench.judge(float("nan"), {"max": 1}) == "fails"
+
+
+def test_a_too_good_speedup_is_flagged():
+    from harness.spec import Claim
+
+    claim = Claim("x", "2-4x faster attention", "speedup", {"min": 2}, ["cpu"])
+    assert bench.too_good(claim, 100.0) and not bench.too_good(claim, 5.0)
+
+
+def test_allclose_rejects_a_wrong_output_and_accepts_a_right_one():
+    import torch
+
+    check = Check("same", "allclose", ["a", "b"], "x:y", ["x:y"], "b", oracle="a", baseline="a")
+    case = {"x": torch.randn(5)}
+    run_case(check, {"a": lambda x: x * 2, "b": lambda x: x + x}, case)
+    with pytest.raises(CheckFailed, match="max error"):
+        run_case(check, {"a": lambda x: x * 2, "b": lambda x: x * 2 + 1e-3}, case)
+
+
+def test_low_precision_rule_compares_against_the_baseline_error():
+    import torch
+
+    check = Check("same", "allclose", ["a", "b"], "x:y", ["x:y"], "b", oracle="a", baseline="a", k=2, floor=0)
+    case = {"x": torch.randn(64), "dtype": torch.bfloat16}
+    exact = lambda x: x.float() * 3
+    run_case(check, {"a": exact, "b": exact}, case)
+    with pytest.raises(CheckFailed, match="exceeds"):
+        run_case(check, {"a": lambda x: (x * 3).to(torch.bfloat16), "b": lambda x: x.float() * 3 + 0.5}, case)
+
+
+def test_interleaved_timing_gives_one_entry_per_round():
+    timings = interleaved({"a": lambda: sum(range(1000)), "b": lambda: sum(range(10))}, rounds=4)
+    assert all(len(v) == 4 for v in timings.seconds.values())
+    ratio, (q1, q3) = timings.ratio("a", "b")
+    assert q1 <= ratio <= q3 and ratio > 1
+
+
+def test_quartiles_of_a_known_list():
+    assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
+
+
+def allocate(mib: int):
+    import torch
+
+    return lambda: torch.ones(mib * 2**20 // 4).sum()
+
+
+def test_peak_memory_sees_a_torch_allocation():
+    small = peak_memory_bytes("tests.test_harness:allocate", mib=1)
+    big = peak_memory_bytes("tests.test_harness:allocate", mib=200)
+    assert big - small > 150 * 2**20
+
+
+def test_report_renders_every_project_and_its_plots(tmp_path):
+    results = {"updated": "now", "projects": []}
+    for spec in load_specs(check_import=False):
+        claims = []
+        for c in spec.claims:
+            row = {"name": c.name, "seed": c.seed, "metric": c.metric, "unit": c.unit, "bound": c.bound,
+                   "devices": c.devices, "gate": c.gate, "note": "", "device": "cpu", "value": None,
+                   "spread": None, "details": {}, "plots": [], "text": "", "verdict": "planned"}
+            claims.append(row)
+        results["projects"].append(bench.project_entry(spec) | {"claims": claims})
+    results["projects"][0]["claims"][0] |= {
+        "verdict": "fails", "value": 1.9, "spread": [1.8, 2.0],
+        "plots": [{"title": "t", "x": [1, 2], "series": {"a": [1, 2]}, "xlabel": "", "ylabel": ""}]}
+    index = report.render(json.loads(json.dumps(results)), tmp_path)
+    html = index.read_text()
+    assert html.count("<tr>") >= 30 + 1 and "fails" in html
+    assert len(list(tmp_path.glob("*.html"))) == 31
+    assert list((tmp_path / "img").glob("*.png"))
