@@ -15,11 +15,29 @@ matplotlib.use("Agg")  # no display: render to files
 import matplotlib.pyplot as plt  # noqa: E402
 from jinja2 import Environment, FileSystemLoader, select_autoescape  # noqa: E402
 
-from harness.bench import OUT_DIR, load_results  # noqa: E402
+from harness.bench import OUT_DIR, load_results, project_entry  # noqa: E402
+from harness.spec import load_specs  # noqa: E402
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "reports" / "templates"
 CHECKS_XML = OUT_DIR / "checks.xml"
-VERDICTS = ("holds", "fails", "n/a", "error", "planned")
+VERDICTS = ("holds", "fails", "n/a", "error", "planned", "not run")
+
+
+def with_every_spec(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` plus an entry for every spec it lacks, so the ledger always shows all 30
+    projects: planned ones as planned, implemented ones never benched as "not run"."""
+    present = {p["slug"] for p in results["projects"]}
+    projects = list(results["projects"])
+    for spec in load_specs(check_import=False):
+        if spec.slug in present:
+            continue
+        verdict = "planned" if not spec.implemented else "not run"
+        claims = [{"name": c.name, "seed": c.seed, "metric": c.metric, "unit": c.unit, "bound": c.bound,
+                   "devices": c.devices, "gate": c.gate, "note": c.note, "device": "", "value": None,
+                   "spread": None, "details": {}, "plots": [], "text": "", "verdict": verdict}
+                  for c in spec.claims]
+        projects.append(project_entry(spec) | {"claims": claims})
+    return results | {"projects": sorted(projects, key=lambda p: p["project"])}
 
 
 def fmt(value: Any) -> str:
@@ -83,7 +101,7 @@ def check_outcomes() -> dict[str, dict[str, int]]:
 
 def render(results: dict[str, Any] | None = None, out_dir: Path = OUT_DIR) -> Path:
     """Write index.html, one page per project and their plots; returns the index path."""
-    results = results if results is not None else load_results()
+    results = with_every_spec(results if results is not None else load_results())
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "img").mkdir(exist_ok=True)
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))

@@ -2,7 +2,11 @@
 
 import os
 
-import torch
+# Triton's interpreter runs tl.dot as a numpy matmul: OpenBLAS threads fighting torch's for the
+# same 2 cores made kernel calls ~8x slower. Must be set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # must be set before triton is first imported; on CPU the kernels run in the interpreter
