@@ -167,16 +167,24 @@ def run_strategy(check: Check, fns: dict[str, Callable[..., Any]], shrink: bool 
 
 
 def mutant_rejected(spec: Spec, check: Check, mutant: str) -> tuple[bool, str]:
-    """Does the check fail with ``mutant`` in place of the subject? (rejected, how)."""
+    """Does the check fail with ``mutant`` in place of the subject? (rejected, how).
+
+    Only a failed comparison counts: a mutant that crashes proves nothing about the check
+    (its patch target may simply have moved), so a crash is reported as not rejected.
+    """
     fns = implementations(spec, check, mutant)
     cases = cases_of(check)
     for case_id, case in zip(cases.edge_ids(), cases.edge, strict=True):
         try:
             run_case(check, fns, case)
-        except Exception as e:  # a crash is a rejection too: the mutant cannot pass as correct
-            return True, f"edge case {case_id}: {e.__class__.__name__}: {str(e)[:200]}"
+        except CheckFailed as e:
+            return True, f"edge case {case_id}: {str(e)[:200]}"
+        except Exception as e:
+            return False, f"crashed on edge case {case_id} instead of being caught: {e.__class__.__name__}: {e}"
     try:
         run_strategy(check, fns, shrink=False)
+    except CheckFailed as e:
+        return True, f"hypothesis: {str(e)[:200]}"
     except Exception as e:
-        return True, f"hypothesis: {e.__class__.__name__}: {str(e)[:200]}"
+        return False, f"crashed under hypothesis instead of being caught: {e.__class__.__name__}: {e}"
     return False, "every edge case and hypothesis example passed"

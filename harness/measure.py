@@ -35,7 +35,7 @@ class Plot:
     """One figure for the project page: x values and one or more named series."""
 
     title: str
-    x: list[float]
+    x: list[float] | list[str]  # strings label the groups of a bar chart
     series: dict[str, list[float]]
     xlabel: str = ""
     ylabel: str = ""

@@ -59,13 +59,20 @@ def bound_text(bound: dict[str, float]) -> str:
 def render_plot(plot: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
     if plot.get("kind") == "bar":
-        names = list(plot["series"])
-        values = [v for name in names for v in plot["series"][name]]
-        labels = plot.get("xlabel", "").split(" | ") if " | " in plot.get("xlabel", "") else [
-            str(x) for x in plot["x"]]
-        ax.bar(range(len(values)), values, color="#4a7bb7")
-        ax.set_xticks(range(len(values)), labels[: len(values)], rotation=15)
+        # grouped bars: one group per x (labels from x, or from "a | b | c" in xlabel), one bar per series
+        xlabel = plot.get("xlabel", "")
+        labels = xlabel.split(" | ") if " | " in xlabel else [str(x) for x in plot["x"]]
+        n_groups = max(len(ys) for ys in plot["series"].values())
+        labels = (labels + [""] * n_groups)[:n_groups]
+        width = 0.8 / len(plot["series"])
+        for i, (name, ys) in enumerate(plot["series"].items()):
+            ax.bar([g + i * width for g in range(len(ys))], ys, width, label=name)
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(n_groups)], labels, rotation=15)
         ax.set_ylabel(plot.get("ylabel", ""))
+        if len(plot["series"]) > 1:
+            ax.legend(fontsize=8)
+        if plot.get("logy"):
+            ax.set_yscale("log")
     else:
         for name, ys in plot["series"].items():
             ax.plot(plot["x"][: len(ys)], ys, marker="o", markersize=3, label=name)

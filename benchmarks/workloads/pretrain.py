@@ -11,12 +11,13 @@ import numpy as np
 import torch
 
 from harness.measure import Context, Plot, Result, interleaved, peak_memory_bytes, quartiles
+from impl.bpe import load
 from impl.char_gpt.train import full_split_loss
 from impl.gpt.model import GPT, GPTConfig
 from impl.pretrain.config import gpt_125m, train_preset
 from impl.pretrain.data import prepare
 from impl.pretrain.naive import loss_and_grads
-from impl.pretrain.train import pretrain
+from impl.pretrain.train import pretrain, sample_text
 from impl.train.loop import autocast, make_optimizer
 
 MiB = 2**20
@@ -122,13 +123,15 @@ def cpu_pretraining(ctx: Context) -> Result:
     val_ids = tokens.val if not ctx.quick else tokens.val[: 32 * 1024]
     val = full_split_loss(model, val_ids)  # fp32: bf16 autocast trains fp32 master weights
     ln_vocab = math.log(tokens.vocab_size)
+    unigram = unigram_loss(tokens.train, val_ids, tokens.vocab_size)
     steps = result.step_losses
+    sample = sample_text(model, load(tokens.meta["tokenizer"]), "ROMEO.\n", n_tokens=100, seed=0)
     return Result(
         value=val / ln_vocab,
         details={
             "val_loss_nats": round(val, 4),
             "ln_vocab": round(ln_vocab, 4),
-            "unigram_val_loss_nats": round(unigram_loss(tokens.train, val_ids, tokens.vocab_size), 4),
+            "unigram_val_loss_nats": round(unigram, 4),
             "val_tokens_scored": len(val_ids),
             "iters": iters,
             "tokens_seen": iters * train_cfg.batch_size * train_cfg.block_size,
@@ -142,11 +145,13 @@ def cpu_pretraining(ctx: Context) -> Result:
             Plot("Pre-training loss (small preset, BPE 10K)", [float(r["iter"]) for r in result.history],
                  {"train (estimate)": [r["train_loss"] for r in result.history],
                   "val (estimate)": [r["val_loss"] for r in result.history],
-                  "ln(vocab)": [ln_vocab] * len(result.history)},
+                  "ln(vocab)": [ln_vocab] * len(result.history),
+                  "unigram model": [unigram] * len(result.history)},
                  xlabel="iteration", ylabel="loss (nats)"),
             Plot("Step loss", [float(i) for i, _ in steps], {"step loss": [loss for _, loss in steps]},
                  xlabel="iteration", ylabel="loss (nats)"),
         ],
+        text="ROMEO.\n" + sample,
     )
 
 

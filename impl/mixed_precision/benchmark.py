@@ -109,8 +109,8 @@ def _median_seconds(fns: dict[str, Callable[[], object]], rounds: int, device: s
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()  # CUDA kernels are asynchronous: wait before reading the clock
             if r > 0:  # round 0 is the warm-up
                 seconds[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in seconds.items()}

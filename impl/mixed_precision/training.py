@@ -66,7 +66,6 @@ class Recipe:
     seed: int = 1337
     threads: int = 1  # tiny matmuls: a second thread costs more in sync than it saves
 
-
     def train_config(self, precision: str) -> TrainConfig:
         return TrainConfig(
             max_iters=self.iters, batch_size=self.batch_size, block_size=self.block_size,

@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="pre-train a GPT on prepared token files")
     t.add_argument("--preset", choices=PRESETS, default="small",
-                   help="small: 4x256, block 128 (CPU minutes); 125m: 12x896, block 1024 (default: small)")
+                   help="small: 4x128, block 128 (5 CPU minutes); 125m: 12x896, block 1024 (default: small)")
     t.add_argument("--data", default=None, help="prepared token directory (default: prepare --corpus now)")
     t.add_argument("--corpus", default="shakespeare", help="corpus to prepare when --data is not given")
     t.add_argument("--out", default=None, help=f"run directory (default: {runs}/<preset>)")
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each block in backward (default: on for 125m, off for small)")
     t.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="autocast precision; fp16 uses a GradScaler (default: bf16 for 125m, fp32 for small)")
+                   help="autocast precision; fp16 adds a GradScaler (default: bf16)")
     t.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
     for name in MODEL_OPTIONS:
         defaults = ", ".join(f"{p}: {getattr(m, name)}" for p, (m, _) in presets.items())

@@ -25,10 +25,11 @@ def make_scaler(dtype: str, device: str) -> LossScaler | None:
 
 def pretrain(
     tokens: TokenFiles, model_cfg: GPTConfig, train_cfg: TrainConfig, out_dir: str | Path | None = None,
-    resume: bool = False, device: str = "cpu", progress: bool = True,
+    resume: bool = False, device: str = "cpu", progress: bool = True, scaler: LossScaler | None = None,
 ) -> tuple[GPT, TrainResult]:
     """Train a fresh GPT (seeded by ``train_cfg.seed``) on ``tokens``' memmaps; checkpoints,
-    ``metrics.jsonl`` (and TensorBoard events if asked) go to ``out_dir``."""
+    ``metrics.jsonl`` (and TensorBoard events if asked) go to ``out_dir``. fp16 uses ``scaler``
+    (any ``LossScaler``, e.g. project 7's), by default a ``GradScaler``."""
     if model_cfg.vocab_size < tokens.vocab_size:
         raise ValueError(f"model vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's "
                          f"{tokens.vocab_size}: set the model's vocab_size from the token files")
@@ -39,8 +40,10 @@ def pretrain(
     model = GPT(model_cfg).to(device)
     tokens_meta = {**tokens.meta, "directory": str(tokens.directory)}
     meta = {"model_config": model_cfg.to_dict(), "tokens": tokens_meta}
-    result = train(model, tokens.train, tokens.val, train_cfg, out_dir, resume,
-                   scaler=make_scaler(train_cfg.dtype, device), progress=progress, extra_meta=meta)
+    if scaler is None:
+        scaler = make_scaler(train_cfg.dtype, device)
+    result = train(model, tokens.train, tokens.val, train_cfg, out_dir, resume, scaler=scaler,
+                   progress=progress, extra_meta=meta)
     return model, result
 
 
