@@ -64,7 +64,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if not RESULTS.is_file():
         sys.exit(f"no results at {RESULTS}: run `python -m harness bench` (or `nox -s bench`) first")
-    print(f"report: {report.render()}")
+    if args.markdown:
+        print(report.markdown())
+    else:
+        print(f"report: {report.render()}")
     return 0
 
 
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--quick", action="store_true", help="CI-sized workloads (minutes, not tens of minutes)")
             p.add_argument("--gate", action="store_true", help="exit 1 if a gated claim fails or any claim errors")
             p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "report":
+            p.add_argument("--markdown", action="store_true", help="print the measured claims as a Markdown table")
         if name == "check":
             p.add_argument("pytest_args", nargs="*", help="passed to pytest")
     args = parser.parse_args(argv)

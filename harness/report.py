@@ -138,6 +138,22 @@ def render(results: dict[str, Any] | None = None, out_dir: Path = OUT_DIR) -> Pa
     return path
 
 
+def markdown(results: dict[str, Any] | None = None) -> str:
+    """The measured claims as a Markdown table (for READMEs and issue notes)."""
+    results = results if results is not None else load_results()
+    lines = ["| # | project | claim | bound | measured | verdict |", "|---|---|---|---|---|---|"]
+    for p in results["projects"]:
+        for c in p["claims"]:
+            if c["verdict"] == "planned":
+                continue
+            value = "" if c["value"] is None else f"{fmt(c['value'])} {c['unit']}".strip()
+            if c.get("spread"):
+                value += f" (IQR {fmt(c['spread'][0])}-{fmt(c['spread'][1])})"
+            lines.append(f"| {p['project']} | {p['title']} | {c['name']} | {bound_text(c['bound'])} | {value} | "
+                         f"{c['verdict']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     print(render())
 
