@@ -18,8 +18,7 @@ import torch
 from impl.gpt.model import GPT, GPTConfig, lm_loss
 from impl.mixed_precision.fast import DynamicLossScaler
 from impl.mixed_precision.inference import to_low_precision, weight_bytes
-from impl.mixed_precision.training import train_step
-from impl.train.loop import TrainConfig, autocast, make_optimizer
+from impl.train.loop import TrainConfig, autocast, make_optimizer, train_step
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -59,7 +58,7 @@ def training_step(model: GPT, precision: str, shape: Shape) -> Callable[[], floa
     optimizer = make_optimizer(model, TrainConfig())
     scaler = DynamicLossScaler() if precision == "fp16" else None
     x, y = random_batch(shape, device)
-    return lambda: train_step(model, optimizer, x, y, precision, scaler)
+    return lambda: train_step(model, optimizer, [(x, y)], precision, scaler).item()
 
 
 def inference_forward(

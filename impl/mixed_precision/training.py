@@ -1,4 +1,4 @@
-"""Mixed precision training with the shared loop: one training step, and a short deterministic
+"""Mixed precision training with the shared loop (its ``train_step`` is the AMP step): a short deterministic
 run whose validation loss the spec compares across precisions.
 
 Autocast keeps the master weights in fp32 and runs matmuls in bf16/fp16; gradients come back
@@ -16,38 +16,9 @@ import torch
 
 from impl.data.corpus import load_text, split_text
 from impl.data.tokens import CharTokenizer
-from impl.gpt.model import GPT, GPTConfig, lm_loss
+from impl.gpt.model import GPT, GPTConfig
 from impl.mixed_precision.fast import DynamicLossScaler
-from impl.train.loop import LossScaler, TrainConfig, autocast, train
-
-
-def train_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    precision: str = "fp32",
-    scaler: LossScaler | None = None,
-    grad_clip: float = 1.0,
-) -> float:
-    """One optimizer step on the batch ``x``, ``y`` (B, T) under ``precision``'s autocast
-    (``fp32``, ``bf16``, ``fp16``; fp16 needs ``scaler``), the loop's protocol; returns the loss."""
-    if precision == "fp16" and scaler is None:
-        raise ValueError("precision fp16 needs a loss scaler (DynamicLossScaler()): fp16 gradients underflow")
-    with autocast(precision, x.device.type):
-        loss = lm_loss(model(x), y)  # the loss itself is computed in fp32 (lm_loss upcasts the logits)
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-    if scaler is not None:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+from impl.train.loop import LossScaler, TrainConfig, train
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,38 @@ def estimate_loss(
     return float(np.mean(losses))
 
 
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    dtype: str = "fp32",
+    scaler: LossScaler | None = None,
+    grad_clip: float = 1.0,
+) -> torch.Tensor:
+    """One optimizer step over the micro-batches ``batches`` (inputs, targets), each (B, T), their
+    gradients accumulated, under ``dtype``'s autocast (fp16 needs ``scaler``); returns the mean
+    loss as a detached scalar tensor (no device sync)."""
+    if dtype == "fp16" and scaler is None:
+        raise ValueError("dtype fp16 needs a loss scaler (pass scaler=...): fp16 gradients underflow")
+    step_loss = torch.zeros((), device=batches[0][0].device)
+    for x, y in batches:
+        with autocast(dtype, x.device.type):
+            loss = lm_loss(model(x), y) / len(batches)  # lm_loss computes in fp32
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        step_loss += loss.detach().float()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
 def train(
     model: torch.nn.Module,
     train_data: np.ndarray,
@@ -201,25 +233,10 @@ def train(
             break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, cfg)
-        step_loss = torch.zeros((), device=device)  # summed on device: no sync per micro-batch
-        for _ in range(cfg.grad_accum_steps):
-            x, y = random_batch(train_data, cfg.batch_size, cfg.block_size, gen)
-            x, y = x.to(device), y.to(device)
-            with autocast(cfg.dtype, device):
-                loss = lm_loss(model(x), y) / cfg.grad_accum_steps
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            step_loss += loss.detach().float()
-            tokens += x.numel()
-        if scaler is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        batches = [random_batch(train_data, cfg.batch_size, cfg.block_size, gen) for _ in range(cfg.grad_accum_steps)]
+        step_loss = train_step(model, optimizer, [(x.to(device), y.to(device)) for x, y in batches], cfg.dtype,
+                               scaler, cfg.grad_clip)
+        tokens += sum(x.numel() for x, _ in batches)
         if cfg.log_interval > 0 and it % cfg.log_interval == 0:
             row = {"kind": "step", "iter": it, "loss": step_loss.item(), "lr": lr_at(it, cfg)}
             result.step_losses.append((it, row["loss"]))
