@@ -18,7 +18,7 @@ from impl.pretrain.config import gpt_125m, train_preset
 from impl.pretrain.data import prepare
 from impl.pretrain.naive import loss_and_grads
 from impl.pretrain.train import pretrain, sample_text
-from impl.train.loop import autocast, make_optimizer
+from impl.train.loop import make_optimizer, train_step
 
 MiB = 2**20
 
@@ -166,10 +166,7 @@ def throughput_125m(ctx: Context) -> Result:
 
     def step(dtype: str, checkpointing: bool) -> None:
         model.config.gradient_checkpointing = checkpointing
-        with autocast(dtype, "cpu"):
-            loss_and_grads(model, idx, targets)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        train_step(model, optimizer, [(idx, targets)], dtype, grad_clip=1.0)
 
     fns = {"fp32": lambda: step("fp32", False), "bf16 autocast": lambda: step("bf16", False)}
     if not ctx.quick:

@@ -233,9 +233,10 @@ def train(
             break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, cfg)
-        batches = [random_batch(train_data, cfg.batch_size, cfg.block_size, gen) for _ in range(cfg.grad_accum_steps)]
-        step_loss = train_step(model, optimizer, [(x.to(device), y.to(device)) for x, y in batches], cfg.dtype,
-                               scaler, cfg.grad_clip)
+        batches = [random_batch(train_data, cfg.batch_size, cfg.block_size, gen)
+                   for _ in range(cfg.grad_accum_steps)]
+        step_loss = train_step(model, optimizer, [(x.to(device), y.to(device)) for x, y in batches],
+                               cfg.dtype, scaler, cfg.grad_clip)
         tokens += sum(x.numel() for x, _ in batches)
         if cfg.log_interval > 0 and it % cfg.log_interval == 0:
             row = {"kind": "step", "iter": it, "loss": step_loss.item(), "lr": lr_at(it, cfg)}
