@@ -12,7 +12,7 @@ from impl.data.corpus import load_text, split_text
 from impl.data.tokens import CharTokenizer
 from impl.gpt.model import GPT, GPTConfig
 from impl.kv_cache.naive import generate
-from impl.train.checkpoint import load_checkpoint
+from impl.train.checkpoint import load_checkpoint, read_meta
 from impl.train.loop import TrainConfig, TrainResult, train
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -70,7 +70,7 @@ def full_split_loss(model: GPT, ids: np.ndarray, batch_size: int = 64) -> float:
 def load_trained(out_dir: str | Path, which: str = "best") -> tuple[GPT, CharTokenizer]:
     """The model and tokenizer saved by ``train_char_gpt`` in ``out_dir``."""
     out = Path(out_dir)
-    meta, _ = load_checkpoint(out / f"{which}.safetensors")
+    meta = read_meta(out / f"{which}.safetensors")
     model = GPT(GPTConfig(**meta["model_config"]))
     load_checkpoint(out / f"{which}.safetensors", model)
     return model.eval(), CharTokenizer.load(out / TOKENIZER_FILE)

@@ -14,7 +14,7 @@ import torch
 from impl.gpt.model import GPT, GPTConfig
 from impl.kv_cache.fast import generate
 from impl.pretrain.data import TokenFiles, Tokenizer
-from impl.train.checkpoint import load_checkpoint
+from impl.train.checkpoint import load_checkpoint, read_meta
 from impl.train.loop import LossScaler, TrainConfig, TrainResult, train
 
 
@@ -51,7 +51,7 @@ def load_pretrained(out_dir: str | Path, which: str = "best", device: str = "cpu
     """The model saved by ``pretrain`` in ``out_dir`` (``best`` or ``last``), in eval mode, and the
     checkpoint's metadata (model config, token files and tokenizer it was trained with)."""
     path = Path(out_dir) / f"{which}.safetensors"
-    meta, _ = load_checkpoint(path)
+    meta = read_meta(path)
     model = GPT(GPTConfig(**{**meta["model_config"], "gradient_checkpointing": False}))
     load_checkpoint(path, model)
     return model.to(device).eval(), meta

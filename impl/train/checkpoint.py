@@ -58,6 +58,15 @@ def save_checkpoint(
     return path
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint (iteration, configs), without reading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("meta", "{}"))
+
+
 def load_checkpoint(
     path: str | Path,
     model: torch.nn.Module | None = None,
