@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import platform
+import re
 import shutil
 
 import nox
@@ -26,9 +28,18 @@ def install(session: nox.Session, extras: str, *groups: str) -> None:
 
 @nox.session(python=PYTHON)
 def test(session: nox.Session) -> None:
-    """Every spec-driven check (edge cases, hypothesis, mutants) and every unit test."""
+    """Every spec-driven check (edge cases, hypothesis, mutants) and every unit test; the outcomes go
+    to reports/out/checks.xml (stamped with the commit), which the report's project pages show."""
     install(session, "gpu,data", "test")
-    session.run("python", "-m", "pytest", "tests", *session.posargs)
+    session.run("python", "-m", "pytest", "tests", "--junitxml=reports/out/checks.xml", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def nightly(session: nox.Session) -> None:
+    """The spec-driven checks with the randomized hypothesis profile: 10x the examples, new ones each run."""
+    install(session, "gpu,data", "test")
+    session.run("python", "-m", "pytest", "tests/test_specs.py", "--junitxml=reports/out/checks.xml",
+                *session.posargs, env={"HYPOTHESIS_PROFILE": "nightly"})
 
 
 @nox.session(python=PYTHON)
@@ -45,15 +56,67 @@ def report(session: nox.Session) -> None:
     session.run("python", "-m", "harness", "report")
 
 
+def asv_machine() -> list[str]:
+    """``asv machine`` options describing this host, named after its hardware (not its hostname), so runs
+    on identical CI runners share one dashboard line."""
+    cpu = platform.processor() or "unknown cpu"
+    ram = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        ram = str(1024 * int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))))
+    except (OSError, StopIteration):
+        pass
+    words = re.findall(r"[a-z0-9]+", re.sub(r"\((r|tm)\)|\bcpu\b|@.*", "", cpu.lower()))
+    name = "-".join([platform.machine(), f"{os.cpu_count()}cpu", *words])
+    return ["--machine", name, "--os", f"{platform.system()} {platform.release()}", "--arch", platform.machine(),
+            "--cpu", cpu, "--num_cpu", str(os.cpu_count()), "--ram", ram]
+
+
+def asv_commits(session: nox.Session, revisions: str) -> list[str]:
+    """The commits of ``A..B`` with ``A`` itself (``HEAD~2..HEAD`` is three commits), oldest first."""
+    base, dots, tip = revisions.partition("..")
+
+    def git(*args: str) -> list[str]:
+        return session.run("git", *args, silent=True, external=True).split()
+
+    if not dots:
+        return git("rev-parse", "--verify", f"{revisions}^{{commit}}")
+    return git("rev-parse", "--verify", f"{base}^{{commit}}") + git("rev-list", "--reverse", f"{base}..{tip or 'HEAD'}")
+
+
 @nox.session(python=PYTHON)
 def asv(session: nox.Session) -> None:
-    """Record the claims of the current commit in asv and publish the dashboard to reports/out/asv."""
+    """Record the claims in asv and publish the dashboard to reports/out/asv (history: reports/history).
+
+    ``nox -s asv`` records HEAD in this session's environment; ``nox -s asv -- --bench REGEX`` only the
+    claims matching REGEX. ``nox -s asv -- HEAD~5..HEAD`` measures those commits (with HEAD~5) in
+    environments asv builds itself under .asv/env, torch pinned by constraints.txt.
+    """
     install(session, "gpu,data", "bench")
-    commit = session.run("git", "rev-parse", "HEAD", silent=True, external=True).strip()
-    session.run("asv", "machine", "--yes")
-    session.run("asv", "run", "-E", f"existing:{shutil.which('python', path=session.bin)}",
-                "--set-commit-hash", commit, "--show-stderr", *session.posargs)
-    session.run("asv", "publish")
+    machine = asv_machine()
+    session.run("asv", "machine", "--yes", *machine)
+    args = list(session.posargs)
+    try:
+        if args and not args[0].startswith("-"):
+            hashfile = os.path.abspath(os.path.join(session.create_tmp(), "asv-commits.txt"))
+            with open(hashfile, "w") as f:
+                f.write("\n".join(asv_commits(session, args.pop(0))) + "\n")
+            # exit 2: some benchmark failed; on a past commit that is a point shown as failed, not an error
+            session.run("asv", "run", f"HASHFILE:{hashfile}", *machine[:2], "--show-stderr", *args,
+                        success_codes=[0, 2])
+        else:
+            python = f"existing:{shutil.which('python', path=session.bin)}"
+            session.run("asv", "check", "-E", python)  # discovery only: a suite asv cannot load fails here
+            commit = session.run("git", "rev-parse", "HEAD", silent=True, external=True).strip()
+            session.run("asv", "run", "-E", python, "--set-commit-hash", commit, *machine[:2], "--show-stderr",
+                        *args)
+            session.run("python", "-m", "harness.history", "record")
+    finally:  # what was recorded is published even when a claim failed; the session still fails then
+        session.run("asv", "publish")
+        if shutil.which("npm"):  # asv's pages load their libraries from CDNs: vendor them for offline use
+            session.run("python", "-m", "harness.asv_assets", "vendor")
+        else:
+            session.log("npm not found: the dashboard loads its libraries from CDNs (it needs a network)")
     session.log(f"dashboard: {os.path.abspath('reports/out/asv/index.html')}")
 
 

@@ -36,22 +36,40 @@ def cmd_check(args: argparse.Namespace) -> int:
     return int(pytest.main(pytest_args + args.pytest_args))
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from harness import bench, report
-
-    specs = _specs(args)
-    results = bench.run(specs, quick=args.quick, progress=not args.no_progress)
-    index = report.render(results)
-    ran = {s.slug for s in specs}
+def _summary(results: dict, ran: set[str]) -> None:
     for project in results["projects"]:
         if project["slug"] not in ran or project["status"] == "planned":
             continue
         for c in project["claims"]:
             value = "" if c["value"] is None else f"{c['value']:.4g}{c['unit'] and ' ' + c['unit']}"
-            print(f"P{project['project']:<2} {project['slug']:<28} {c['verdict']:<6} {value:>14}  {c['name']}")
+            guard = " GUARD CROSSED" if c.get("guard_crossed") else ""
+            print(f"P{project['project']:<2} {project['slug']:<28} {c.get('device', ''):<5} {c['verdict']:<8} "
+                  f"{value:>14}  {c['name']}{guard}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from harness import bench, report
+
+    specs = _specs(args)
+    ran = {s.slug for s in specs}
+    devices = [args.device] if args.device else None
+    try:
+        results = bench.run(specs, quick=args.quick, progress=not args.no_progress, devices=devices,
+                            resume=args.resume, log=lambda line: print(line, file=sys.stderr))
+    except bench.ResultsFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, bench.Interrupted) as e:
+        results = bench.load_results(move_aside=False)
+        print(f"\n{results['run']['interrupted']}: finished rows are kept in {bench.RESULTS}; "
+              "continue with --resume", file=sys.stderr)
+        print(f"report: {report.render(results)}")
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
+    index = report.render(results)
+    _summary(results, ran)
     print(f"report: {index}")
     if args.gate:
-        failures = bench.gate_failures(results, ran)
+        failures = bench.gate_failures(results, ran, report.check_outcomes())
         for line in failures:
             print(f"GATE: {line}", file=sys.stderr)
         return 1 if failures else 0
@@ -60,14 +78,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness import report
-    from harness.bench import RESULTS
+    from harness.bench import RESULTS, ResultsFileError, load_results
 
     if not RESULTS.is_file():
         sys.exit(f"no results at {RESULTS}: run `python -m harness bench` (or `nox -s bench`) first")
+    try:
+        results = load_results(move_aside=False)
+    except ResultsFileError as e:
+        print(f"error: {e}; move it aside or run `python -m harness bench` for a fresh one", file=sys.stderr)
+        return 2
     if args.markdown:
-        print(report.markdown())
+        print(report.markdown(results))
     else:
-        print(f"report: {report.render()}")
+        print(f"report: {report.render(results)}")
     return 0
 
 
@@ -84,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("-k", metavar="PROJECT", help="only projects whose slug, title or number matches")
         if name == "bench":
             p.add_argument("--quick", action="store_true", help="CI-sized workloads (minutes, not tens of minutes)")
-            p.add_argument("--gate", action="store_true", help="exit 1 if a gated claim fails or any claim errors")
+            p.add_argument("--gate", action="store_true",
+                           help="exit 1 if a claim crosses its guard, needs review or errors, or a check failed")
+            p.add_argument("--device", choices=("cpu", "cuda"),
+                           help="measure only on this device (default: every device of each claim this machine has)")
+            p.add_argument("--resume", action="store_true",
+                           help="continue the interrupted run of this commit and mode, skipping measured claims")
             p.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name == "report":
             p.add_argument("--markdown", action="store_true", help="print the measured claims as a Markdown table")

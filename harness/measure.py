@@ -7,8 +7,10 @@ Workloads in ``benchmarks/workloads`` call these; nothing here knows about specs
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -19,6 +21,27 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+
+class NotApplicable(Exception):  # noqa: N818 (an outcome, not an error)
+    """Raised by a workload when a component it needs is absent on this machine (a second GPU, a
+    container engine, a browser): the claim's verdict is n/a with ``reason``. A missing Python
+    package is not this: it stays an error."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class MeasurementError(RuntimeError):
+    """A measurement that cannot be trusted: a peak <= 0, a time <= 0, NaN, a worker killed by a signal."""
+
+
+def require_positive(name: str, value: float) -> float:
+    """``value`` if it is a finite number > 0, else ``MeasurementError`` naming ``name``."""
+    if not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value) or value <= 0:
+        raise MeasurementError(f"degenerate measurement: {name} = {value!r} (must be a finite number > 0)")
+    return value
 
 
 @dataclass
@@ -123,17 +146,25 @@ def interleaved(
             for _ in range(n):
                 fns[name]()
             _sync(device)
-            seconds[name].append((time.perf_counter() - start) / n)
+            seconds[name].append(require_positive(f"time of {name!r}", (time.perf_counter() - start) / n))
     return Timings(seconds)
 
 
 _PEAK_SCRIPT = """
-import importlib, json, sys
-def _rss_peak_kib():
+import ctypes, importlib, json, sys
+allocator, measure = sys.argv[3], sys.argv[4]
+if allocator == "trim":
+    # glibc serves every block of 64 KiB or more from its own mapping, returned to the OS on free,
+    # so the resident set follows the live tensors (M_MMAP_THRESHOLD = -3 in mallopt)
+    if ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024) != 1:
+        raise SystemExit("mallopt(M_MMAP_THRESHOLD) refused: not glibc; measure with allocator='default'")
+def _rss_kib(field):
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
+        if line.startswith(field):
             return int(line.split()[1])
-    raise RuntimeError("VmHWM not found in /proc/self/status")
+    raise RuntimeError(field + " not found in /proc/self/status")
+def _rss_peak_kib():
+    return _rss_kib("VmHWM:")
 mod, _, name = sys.argv[1].partition(":")
 fn = getattr(importlib.import_module(mod), name)
 kwargs = json.loads(sys.argv[2])
@@ -143,41 +174,74 @@ device = kwargs.get("device", "cpu")
 if device.startswith("cuda"):
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    setup(); torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    kept = setup(); torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() if measure == "peak" else torch.cuda.memory_allocated()) - base
 else:
     open("/proc/self/clear_refs", "w").write("5")   # resets VmHWM to the current RSS
     base = _rss_peak_kib() * 1024
-    setup()
-    peak = _rss_peak_kib() * 1024 - base
+    kept = setup()                                    # what the call returns stays alive ("held")
+    peak = (_rss_peak_kib() if measure == "peak" else _rss_kib("VmRSS:")) * 1024 - base
 print("PEAK_BYTES", json.dumps(peak))
 """
 
+ALLOCATORS = ("trim", "default")
+MEASURES = ("peak", "held")
 
-def peak_memory_bytes(target: str, timeout_s: float = 600, **kwargs: Any) -> int:
+
+def peak_memory_bytes(
+    target: str, *, allocator: str = "trim", measure: str = "peak", timeout_s: float = 600, **kwargs: Any
+) -> int:
     """Peak memory, in bytes above the baseline, of one call measured in a fresh subprocess.
 
     ``target`` is ``module:function``; the function receives ``kwargs`` (JSON-able), builds its
     inputs and returns a zero-argument callable: only that call is measured. On CPU the peak
     is the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs); on CUDA
-    it is ``max_memory_allocated``.
+    it is ``max_memory_allocated``. ``allocator="trim"`` (every memory claim's judged figure) makes
+    glibc return freed blocks of 64 KiB or more to the OS, so the resident set follows the live
+    tensors; ``"default"`` keeps glibc's own policy, whose fragmented heap also counts memory torch
+    has freed. ``measure="held"`` reads the resident memory still held after the call, with the
+    object it returned alive (e.g. a model built and converted), instead of the peak during it.
+    A figure <= 0 or a worker killed by a signal (the OOM killer's SIGKILL) raises
+    ``MeasurementError`` naming it.
     """
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator must be one of {ALLOCATORS}, got {allocator!r}")
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_PEAK_SCRIPT), target, json.dumps(kwargs)],
+        [sys.executable, "-c", textwrap.dedent(_PEAK_SCRIPT), target, json.dumps(kwargs), allocator,
+         measure],
         capture_output=True,
         text=True,
         timeout=timeout_s,
         env=env,
         cwd=os.getcwd(),
     )
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        hint = " (the OOM killer sends SIGKILL when memory runs out)" if name == "SIGKILL" else ""
+        raise MeasurementError(f"peak-memory worker for {target} {kwargs} was killed by {name}{hint}")
     for line in proc.stdout.splitlines():
         if line.startswith("PEAK_BYTES "):
-            return int(json.loads(line.split(" ", 1)[1]))
-    raise RuntimeError(
+            peak = int(json.loads(line.split(" ", 1)[1]))
+            require_positive(f"peak memory of {target} {kwargs}", peak)
+            return peak
+    raise MeasurementError(
         f"peak-memory subprocess for {target} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     )
+
+
+def peak_sweep(
+    target: str, methods: list[str], lengths: list[int], *, device: str = "cpu", allocator: str = "trim",
+    key: str = "method", **kwargs: Any,
+) -> dict[str, list[int]]:
+    """Peak bytes of each method at each length, each in a fresh subprocess:
+    ``target(**{key: method, "seq_len": n, "device": device, **kwargs})``, method by method."""
+    return {m: [peak_memory_bytes(target, allocator=allocator, **{key: m, "seq_len": n, "device": device}, **kwargs)
+                for n in lengths]
+            for m in methods}
 
 
 def cpu_model() -> str:

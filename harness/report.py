@@ -15,29 +15,62 @@ matplotlib.use("Agg")  # no display: render to files
 import matplotlib.pyplot as plt  # noqa: E402
 from jinja2 import Environment, FileSystemLoader, select_autoescape  # noqa: E402
 
-from harness.bench import OUT_DIR, load_results, project_entry  # noqa: E402
-from harness.spec import load_specs  # noqa: E402
+from harness.bench import (  # noqa: E402
+    OUT_DIR,
+    claim_row,
+    guard_crossed,
+    load_results,
+    project_entry,
+    spec_sha,
+    verdict_of,
+)
+from harness.measure import git_commit  # noqa: E402
+from harness.spec import Claim, Spec, load_specs  # noqa: E402
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "reports" / "templates"
 CHECKS_XML = OUT_DIR / "checks.xml"
-VERDICTS = ("holds", "fails", "n/a", "error", "planned", "not run")
+VERDICTS = ("holds", "fails", "review", "n/a", "error", "not run", "planned")
+REJUDGED = ("holds", "fails", "review")  # verdicts that follow from a figure and the spec
 
 
-def with_every_spec(results: dict[str, Any]) -> dict[str, Any]:
-    """``results`` plus an entry for every spec it lacks, so the ledger always shows all 30
-    projects: planned ones as planned, implemented ones never benched as "not run"."""
-    present = {p["slug"] for p in results["projects"]}
-    projects = list(results["projects"])
-    for spec in load_specs(check_import=False):
-        if spec.slug in present:
+def _empty_row(claim: Claim, verdict: str) -> dict[str, Any]:
+    return claim_row(claim, claim.devices[0], "") | {"verdict": verdict}
+
+
+def rejudge(results: dict[str, Any], specs: list[Spec] | None = None) -> dict[str, Any]:
+    """``results`` judged against the current specs: every project of the roadmap (planned ones as
+    planned, implemented ones never measured as "not run"), each stored figure judged by the
+    current bound, guard and review rule, each row's texts from the current spec; a project whose
+    spec changed since its measurement says so, and claims the spec no longer has are dropped."""
+    specs = load_specs(check_import=False) if specs is None else specs
+    stored = {p["slug"]: p for p in results.get("projects", [])}
+    projects = []
+    for spec in specs:
+        entry = stored.get(spec.slug)
+        if entry is None or not spec.implemented:
+            verdict = "planned" if not spec.implemented else "not run"
+            projects.append(project_entry(spec) | {"claims": [_empty_row(c, verdict) for c in spec.claims]})
             continue
-        verdict = "planned" if not spec.implemented else "not run"
-        claims = [{"name": c.name, "seed": c.seed, "metric": c.metric, "unit": c.unit, "bound": c.bound,
-                   "devices": c.devices, "gate": c.gate, "note": c.note, "device": "", "value": None,
-                   "spread": None, "details": {}, "plots": [], "text": "", "verdict": verdict}
-                  for c in spec.claims]
-        projects.append(project_entry(spec) | {"claims": claims})
-    return results | {"projects": sorted(projects, key=lambda p: p["project"])}
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for row in entry["claims"]:
+            rows.setdefault(row["name"], []).append(row)
+        claims, dropped = [], sorted(set(rows) - {c.name for c in spec.claims})
+        for claim in spec.claims:
+            for row in rows.get(claim.name) or [_empty_row(claim, "not run")]:
+                row = dict(row)
+                measured_as = {k: row.get(k) for k in ("bound", "guard")}
+                row |= {k: v for k, v in claim_row(claim, row.get("device", ""), row.get("mode", "")).items()
+                        if k not in ("device", "mode", "value", "spread", "details", "plots", "text")}
+                if row["verdict"] in REJUDGED and row.get("value") is not None:
+                    row["verdict"], row["flagged"] = verdict_of(claim, float(row["value"]))
+                    row["guard_crossed"] = guard_crossed(row["value"], claim.guard)
+                    if measured_as["bound"] not in (None, claim.bound):
+                        row["rejudged"] = f"measured against bound {bound_text(measured_as['bound'])}"
+                claims.append(row)
+        changed = entry.get("spec_sha") not in (None, spec_sha(spec))
+        projects.append(entry | project_entry(spec) | {
+            "claims": claims, "spec_changed": changed, "dropped_claims": dropped})
+    return results | {"projects": projects}
 
 
 def fmt(value: Any) -> str:
@@ -90,12 +123,19 @@ def render_plot(plot: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def check_outcomes() -> dict[str, dict[str, int]]:
-    """From the last ``harness check`` run (JUnit XML): passed/failed test counts per spec slug."""
-    if not CHECKS_XML.is_file():
-        return {}
+def check_outcomes(path: Path = CHECKS_XML, commit: str | None = None) -> dict[str, Any]:
+    """The last test run's outcomes (JUnit XML written by ``nox -s test``), if it ran on ``commit``
+    (default HEAD): {"commit", "per_slug": {slug: {passed, failed, skipped}}, "failed": {slug: n}};
+    else {"commit": the run's commit or None, "stale": True}."""
+    commit = commit or git_commit()
+    if not path.is_file():
+        return {"commit": None, "stale": True}
+    root = ET.parse(path).getroot()
+    stamped = next((prop.get("value") for prop in root.iter("property") if prop.get("name") == "commit"), None)
+    if stamped != commit:
+        return {"commit": stamped, "stale": True}
     counts: dict[str, Counter] = {}
-    for case in ET.parse(CHECKS_XML).getroot().iter("testcase"):
+    for case in root.iter("testcase"):
         match = re.search(r"\[([a-z0-9_]+)/", case.get("name", ""))
         if not match:
             continue
@@ -103,12 +143,14 @@ def check_outcomes() -> dict[str, dict[str, int]]:
         skipped = any(child.tag == "skipped" for child in case)
         outcome = "failed" if failed else "skipped" if skipped else "passed"
         counts.setdefault(match.group(1), Counter())[outcome] += 1
-    return {slug: dict(c) for slug, c in counts.items()}
+    per_slug = {slug: dict(c) for slug, c in counts.items()}
+    return {"commit": commit, "stale": False, "per_slug": per_slug,
+            "failed": {slug: c["failed"] for slug, c in per_slug.items() if c.get("failed")}}
 
 
 def render(results: dict[str, Any] | None = None, out_dir: Path = OUT_DIR) -> Path:
     """Write index.html, one page per project and their plots; returns the index path."""
-    results = with_every_spec(results if results is not None else load_results())
+    results = rejudge(results if results is not None else load_results(move_aside=False))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "img").mkdir(exist_ok=True)
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
@@ -117,7 +159,9 @@ def render(results: dict[str, Any] | None = None, out_dir: Path = OUT_DIR) -> Pa
     checks = check_outcomes()
     totals: Counter = Counter()
     for project in results["projects"]:
-        project["check_outcomes"] = checks.get(project["slug"], {})
+        project["check_outcomes"] = {} if checks["stale"] else checks["per_slug"].get(project["slug"], {})
+        project["checks_commit"] = checks["commit"]
+        project["checks_stale"] = checks["stale"]
         for claim in project["claims"]:
             totals[claim["verdict"]] += 1
             claim["images"] = []
@@ -132,6 +176,7 @@ def render(results: dict[str, Any] | None = None, out_dir: Path = OUT_DIR) -> Pa
         phases.setdefault(project["phase"], []).append(project)
     index = env.get_template("index.html.j2").render(
         phases=phases, totals=[(v, totals.get(v, 0)) for v in VERDICTS], updated=results.get("updated", ""),
+        run=results.get("run") or {}, head=git_commit(),
     )
     path = out_dir / "index.html"
     path.write_text(index)
@@ -139,9 +184,11 @@ def render(results: dict[str, Any] | None = None, out_dir: Path = OUT_DIR) -> Pa
 
 
 def markdown(results: dict[str, Any] | None = None) -> str:
-    """The measured claims as a Markdown table (for READMEs and issue notes)."""
-    results = results if results is not None else load_results()
-    lines = ["| # | project | claim | bound | measured | verdict |", "|---|---|---|---|---|---|"]
+    """The measured claims as a Markdown table (for READMEs and issue notes), each row with its
+    device, mode and commit."""
+    results = rejudge(results if results is not None else load_results(move_aside=False))
+    lines = ["| # | project | claim | bound | guard | measured | verdict | device | mode | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for p in results["projects"]:
         for c in p["claims"]:
             if c["verdict"] == "planned":
@@ -149,8 +196,12 @@ def markdown(results: dict[str, Any] | None = None) -> str:
             value = "" if c["value"] is None else f"{fmt(c['value'])} {c['unit']}".strip()
             if c.get("spread"):
                 value += f" (IQR {fmt(c['spread'][0])}-{fmt(c['spread'][1])})"
-            lines.append(f"| {p['project']} | {p['title']} | {c['name']} | {bound_text(c['bound'])} | {value} | "
-                         f"{c['verdict']} |")
+            if c["verdict"] in ("n/a", "not run") and c.get("na_reason"):
+                value = c["na_reason"]
+            guard = bound_text(c["guard"]) + (" crossed" if c.get("guard_crossed") else "") if c.get("guard") else ""
+            lines.append(f"| {p['project']} | {p['title']} | {c['name']} | {bound_text(c['bound'])} | {guard} | "
+                         f"{value} | {c['verdict']} | {c.get('device', '')} | {c.get('mode', '')} | "
+                         f"{(c.get('commit') or '')[:8]} |")
     return "\n".join(lines)
 
 

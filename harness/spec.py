@@ -6,6 +6,7 @@ The schema is documented in harness/README.md.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +17,13 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
+# the specs a run reads: specs/, or $HANDSON_SPECS_DIR (a folder of your own specs, or tests' own)
+SPECS_DIR = Path(os.environ.get("HANDSON_SPECS_DIR") or Path(__file__).resolve().parent.parent / "specs")
 
 CHECK_KINDS = ("exact", "allclose", "property")
 STATUSES = ("implemented", "planned")
 DEVICES = ("cpu", "cuda")
-ASV_MODES = ("time", "inverse", "value", "none")
+ASV_MODES = ("track", "none")  # the suite decides the direction from the bound (benchmarks/asv_suite)
 
 
 def display_path(path: Path) -> str:
@@ -51,7 +53,11 @@ class Check:
     atol: float = 1e-5
     k: float = 2.0
     floor: float = 1e-3
+    baseline_rtol: float = 0.1  # low precision: the baseline's own error must be <= this x max|truth| + floor
     examples: int = 20
+
+
+DEFAULT_TIMEOUT_S = 1800.0
 
 
 @dataclass
@@ -61,12 +67,22 @@ class Claim:
     metric: str
     bound: dict[str, float]
     devices: list[str]
-    gate: bool = False
     workload: str | None = None
     unit: str = ""
     na_reason: str = ""
-    asv: str = "value"
+    asv: str = "track"
     note: str = ""
+    guard: dict[str, float] | None = None  # the regression floor CI enforces (bound decides the verdict)
+    guard_note: str = ""  # how the guard was chosen
+    unguarded: str = ""  # why the claim cannot be guarded on this machine
+    quick: bool = True  # False: only meaningful at full size; "not run" in quick mode
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    review_note: str = ""  # explains a figure far beyond the seed's (else the verdict is "review")
+
+    @property
+    def gated(self) -> bool:
+        """CI fails when the guard is crossed."""
+        return self.guard is not None
 
 
 @dataclass
@@ -183,6 +199,7 @@ def _check(r: _Reader, names: set[str], check_import: bool) -> Check:
         atol=r.get("atol", float, 1e-5),
         k=r.get("k", float, 2.0),
         floor=r.get("floor", float, 1e-3),
+        baseline_rtol=r.get("baseline_rtol", float, 0.1),
         examples=r.get("examples", int, 20),
     )
     if kind == "property":
@@ -198,13 +215,28 @@ def _check(r: _Reader, names: set[str], check_import: bool) -> Check:
     return check
 
 
+def _limits(r: _Reader, key: str, required: bool) -> dict[str, float] | None:
+    """A ``{ min = N }`` / ``{ max = N }`` table (a bound or a guard)."""
+    table = r.get(key, dict, ... if required else None)
+    if table is None:
+        return None
+    t = r.sub(table, f"{key}.")
+    parsed = {side: t.get(side, float) for side in ("min", "max") if side in table}
+    if set(table) - {"min", "max"} or not parsed:
+        raise r.fail(key, f"must be {{ min = N }} and/or {{ max = N }}, got {table!r}")
+    if "min" in parsed and "max" in parsed and parsed["min"] > parsed["max"]:
+        raise r.fail(key, f"min {parsed['min']} is above max {parsed['max']}")
+    return parsed
+
+
 def _claim(r: _Reader, planned: bool, check_import: bool) -> Claim:
-    bound = r.get("bound", dict)
-    b = r.sub(bound, "bound.")
-    parsed = {key: b.get(key, float) for key in ("min", "max") if key in bound}
-    unknown = set(bound) - {"min", "max"}
-    if unknown or not parsed:
-        raise r.fail("bound", f"must be {{ min = N }} and/or {{ max = N }}, got {bound!r}")
+    if "gate" in r.data:
+        raise r.fail("gate", "was replaced by `guard = { min = N }` (the regression floor CI enforces) "
+                             "or `unguarded = \"why\"`; see harness/README.md")
+    parsed = _limits(r, "bound", required=True)
+    guard = _limits(r, "guard", required=False)
+    if guard is not None and r.data.get("unguarded"):
+        raise r.fail("unguarded", "a claim with a guard cannot also say why it is unguarded")
     devices = r.strings("devices")
     for i, device in enumerate(devices):
         if device not in DEVICES:
@@ -213,19 +245,26 @@ def _claim(r: _Reader, planned: bool, check_import: bool) -> Claim:
     if workload is None and not planned:
         raise r.fail("workload", "missing required key (only planned specs may omit it)")
     metric = r.get("metric", str)
-    default_asv = "inverse" if metric in ("speedup", "throughput") else "value"
+    timeout_s = r.get("timeout_s", float, DEFAULT_TIMEOUT_S)
+    if timeout_s <= 0:
+        raise r.fail("timeout_s", f"must be > 0, got {timeout_s}")
     return Claim(
         name=r.get("name", str),
         seed=r.get("seed", str),
         metric=metric,
         bound=parsed,
         devices=devices,
-        gate=r.get("gate", bool, False),
         workload=r.target("workload", workload, check_import) if workload else None,
         unit=r.get("unit", str, ""),
         na_reason=r.get("na_reason", str, ""),
-        asv=r.get("asv", str, default_asv, choices=ASV_MODES),
+        asv=r.get("asv", str, "track", choices=ASV_MODES),
         note=r.get("note", str, ""),
+        guard=guard,
+        guard_note=r.get("guard_note", str, ""),
+        unguarded=r.get("unguarded", str, ""),
+        quick=r.get("quick", bool, True),
+        timeout_s=timeout_s,
+        review_note=r.get("review_note", str, ""),
     )
 
 

@@ -78,9 +78,16 @@ def test_a_good_spec_loads(tmp_path):
          "check[0].compare[1]", "not in [implementations]"),
         (lambda s: s.replace('devices = ["cpu"]', 'devices = ["tpu"]'), "claim[0].devices[0]", "must be one of"),
         (lambda s: s.replace("project = 8", "project = 9"), "project", "file name says 8"),
+        (lambda s: s.replace("devices = [\"cpu\"]", "devices = [\"cpu\"]\ngate = true"), "claim[0].gate",
+         "was replaced by `guard"),
+        (lambda s: s.replace("devices = [\"cpu\"]", "devices = [\"cpu\"]\nguard = { min = 3, max = 2 }"),
+         "claim[0].guard", "is above max"),
+        (lambda s: s.replace("devices = [\"cpu\"]", "devices = [\"cpu\"]\ntimeout_s = 0"), "claim[0].timeout_s",
+         "must be > 0"),
     ],
     ids=["missing-key", "wrong-type-bound", "wrong-type-project", "unknown-callable", "not-a-target",
-         "bad-check-kind", "no-mutants", "unknown-compare", "bad-device", "number-mismatch"],
+         "bad-check-kind", "no-mutants", "unknown-compare", "bad-device", "number-mismatch", "old-gate-key",
+         "inverted-guard", "zero-timeout"],
 )
 def test_a_bad_spec_gives_one_line_naming_file_and_key(tmp_path, change, key, problem):
     path = write(tmp_path, change(GOOD))
@@ -117,6 +124,22 @@ def test_a_too_good_speedup_is_flagged():
 
     claim = Claim("x", "2-4x faster attention", "speedup", {"min": 2}, ["cpu"])
     assert bench.too_good(claim, 100.0) and not bench.too_good(claim, 5.0)
+    assert bench.verdict_of(claim, 100.0) == ("review", True)
+    year = Claim("x", "FlashAttention-2 (Dao, 2023)", "speedup", {"min": 2}, ["cpu"])
+    assert not bench.too_good(year, 5000.0)  # a year is not a seed figure
+
+
+def test_every_implemented_claim_has_a_guard_or_says_why_not():
+    missing = [f"{s.path.name}: {c.name}" for s in load_specs(check_import=False) if s.implemented
+               for c in s.claims if c.guard is None and not c.unguarded]
+    assert not missing, "claims without a guard or an `unguarded` reason:\n" + "\n".join(missing)
+
+
+def test_seed_texts_are_the_roadmaps_words():
+    """A claim's seed quotes its project's outcome or one of its build items; figures from papers go in the note."""
+    loose = [f"{s.path.name}: '{c.name}': {c.seed!r}" for s in load_specs(check_import=False) for c in s.claims
+             if not any(c.seed.rstrip(".").lower() in text.lower() for text in [s.seed_outcome, *s.builds])]
+    assert not loose, "seeds that are not the roadmap's words:\n" + "\n".join(loose)
 
 
 def test_allclose_rejects_a_wrong_output_and_accepts_a_right_one():
@@ -138,6 +161,41 @@ def test_low_precision_rule_compares_against_the_baseline_error():
     run_case(check, {"a": exact, "b": exact}, case)
     with pytest.raises(CheckFailed, match="exceeds"):
         run_case(check, {"a": lambda x: (x * 3).to(torch.bfloat16), "b": lambda x: x.float() * 3 + 0.5}, case)
+
+
+def test_low_precision_rule_needs_a_finite_yardstick():
+    import torch
+
+    check = Check("same", "allclose", ["a", "b"], "x:y", ["x:y"], "b", oracle="a", baseline="a", k=2, floor=0)
+    case = {"x": torch.randn(64), "dtype": torch.bfloat16}
+    overflowing = lambda x: x.float() * 3 if x.dtype == torch.float64 else torch.full_like(x, float("inf"))
+    with pytest.raises(CheckFailed, match="finite yardstick"):  # k * inf would pass any b
+        run_case(check, {"a": overflowing, "b": lambda x: x.float() * 3 + 100}, case)
+    far = lambda x: x.double() * 3 if x.dtype == torch.float64 else x.float() * 3 + 5  # wrong, not imprecise
+    with pytest.raises(CheckFailed, match="baseline a"):
+        run_case(check, {"a": far, "b": lambda x: x.float() * 3 + 7}, case)
+
+
+def test_degenerate_measurements_are_errors_not_figures():
+    from harness.measure import MeasurementError, require_positive
+
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(MeasurementError, match="degenerate"):
+            require_positive("peak", bad)
+    assert require_positive("peak", 3) == 3
+
+
+def test_the_nightly_hypothesis_profile_is_random_and_larger(monkeypatch):
+    from harness.checks import hypothesis_settings
+
+    check = Check("same", "exact", ["a", "b"], "x:y", ["x:y"], "b", examples=7)
+    assert hypothesis_settings(check).derandomize and hypothesis_settings(check).max_examples == 7
+    monkeypatch.setenv("HYPOTHESIS_PROFILE", "nightly")
+    nightly = hypothesis_settings(check)
+    assert not nightly.derandomize and nightly.max_examples == 70
+    monkeypatch.setenv("HYPOTHESIS_PROFILE", "weekly")
+    with pytest.raises(ValueError, match="HYPOTHESIS_PROFILE='weekly'"):
+        hypothesis_settings(check)
 
 
 def test_interleaved_timing_gives_one_entry_per_round():
@@ -168,16 +226,15 @@ def test_report_renders_every_project_and_its_plots(tmp_path):
     for spec in load_specs(check_import=False):
         claims = []
         for c in spec.claims:
-            row = {"name": c.name, "seed": c.seed, "metric": c.metric, "unit": c.unit, "bound": c.bound,
-                   "devices": c.devices, "gate": c.gate, "note": "", "device": "cpu", "value": None,
-                   "spread": None, "details": {}, "plots": [], "text": "", "verdict": "planned"}
-            claims.append(row)
+            claims.append(bench.claim_row(c, "cpu", "quick") | {"verdict": "planned"})
         results["projects"].append(bench.project_entry(spec) | {"claims": claims})
     results["projects"][0]["claims"][0] |= {
         "verdict": "fails", "value": 1.9, "spread": [1.8, 2.0],
         "plots": [{"title": "t", "x": [1, 2], "series": {"a": [1, 2]}, "xlabel": "", "ylabel": ""}]}
+    results["projects"][0]["claims"][0] |= {"commit": "0123456789abcdef"}
     index = report.render(json.loads(json.dumps(results)), tmp_path)
     html = index.read_text()
     assert html.count("<tr>") >= 30 + 1 and "fails" in html
+    assert "quick &middot; <code>01234567</code>" in html  # every row shows its mode and commit
     assert len(list(tmp_path.glob("*.html"))) == 31
     assert list((tmp_path / "img").glob("*.png"))

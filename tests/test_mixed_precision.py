@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
+from benchmarks.workloads.mixed_precision import saved_activation_bytes
 from impl.mixed_precision import fast, naive
 from impl.mixed_precision.__main__ import main
-from impl.mixed_precision.benchmark import Shape, build_model, saved_activation_bytes
 from impl.mixed_precision.fast import DynamicLossScaler
 from impl.mixed_precision.inference import autocast_logits, bf16_logits, to_low_precision, weight_bytes
 from impl.mixed_precision.naive import FixedLossScaler
+from impl.mixed_precision.steps import Shape, build_model
 from impl.mixed_precision.training import Recipe, fresh_model, train_and_evaluate
 from reference.torch_amp import grad_scaler
 from tests.cases.gpt import random_gpt

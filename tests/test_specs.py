@@ -54,6 +54,7 @@ def test_hypothesis_property(spec, check):
     run_strategy(check, implementations(spec, check))
 
 
+@pytest.mark.timeout(300)  # a mutant that loops forever is rejected by nothing: fail it
 @pytest.mark.parametrize(("spec", "check", "mutant"), MUTANTS)
 def test_mutant_is_rejected(spec, check, mutant):
     rejected, how = mutant_rejected(spec, check, mutant)

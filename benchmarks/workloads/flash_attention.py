@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from harness.measure import Context, Plot, Result, Timings, interleaved, peak_memory_bytes
+from harness.measure import Context, Plot, Result, Timings, interleaved, peak_memory_bytes, peak_sweep
 from impl.flash_attention.fast import flash_forward
 from impl.gpt.attention import naive_attention
 from reference.torch_sdpa import attention as sdpa_attention
@@ -82,30 +82,42 @@ def peak_setup(method: str, seq_len: int, device: str = "cpu") -> Callable[[], t
 
 def growth_exponent(lengths: list[int], peaks: list[int]) -> float:
     """Exponent e of peak ~ N^e between the two longest lengths (1: linear, 2: quadratic)."""
-    return math.log(max(peaks[-1], 1) / max(peaks[-2], 1)) / math.log(lengths[-1] / lengths[-2])
+    return math.log(peaks[-1] / peaks[-2]) / math.log(lengths[-1] / lengths[-2])
+
+
+def memory_sweep(target: str, methods: list[str], lengths: list[int], judged_n: int, slow: str, fast: str,
+                 device: str) -> tuple[float, dict, list[Plot]]:
+    """Peak memory of every method at every length (allocator "trim", each in a fresh process),
+    the judged figure peak(slow) / peak(fast) at ``judged_n``, and the same ratio with glibc's
+    default allocator in the details. Returns (figure, details, plots)."""
+    peaks = peak_sweep(target, methods, lengths, device=device)
+    default = {m: peak_memory_bytes(target, allocator="default", method=m, seq_len=judged_n, device=device)
+               for m in (slow, fast)}
+    at = lengths.index(judged_n)
+    peak_mib = {m: [round(p / MIB, 2) for p in peaks[m]] for m in methods}
+    details = {
+        "seq_lens": lengths,
+        "allocator": "trim (judged); default in default_allocator_*",
+        "peak_MiB": peak_mib,
+        "growth_exponent": {m: round(growth_exponent(lengths, peaks[m]), 2) for m in methods},
+        f"default_allocator_peak_MiB_at_{judged_n}": {m: round(p / MIB, 2) for m, p in default.items()},
+        f"default_allocator_{slow}_over_{fast}_at_{judged_n}": round(default[slow] / default[fast], 2),
+    }
+    plots = [Plot("attention forward peak memory vs sequence length (allocator trim)", x=lengths, series=peak_mib,
+                  xlabel="sequence length N", ylabel="peak MiB above the inputs", logx=True, logy=True)]
+    return peaks[slow][at] / peaks[fast][at], details, plots
 
 
 def memory_4096(ctx: Context) -> Result:
     """naive / tiled peak memory at N = 4096, with the sweep over N for naive, tiled and SDPA."""
     lengths = [1024, 4096] if ctx.quick else [512, 1024, 2048, 4096, 8192]
     methods = ["naive", "tiled", "sdpa"] + (["triton"] if ctx.device.startswith("cuda") else [])
-    peaks = {m: [peak_memory_bytes(PEAK_TARGET, method=m, seq_len=n, device=ctx.device) for n in lengths]
-             for m in methods}
+    value, details, plots = memory_sweep(PEAK_TARGET, methods, lengths, MEMORY_N, "naive", "tiled", ctx.device)
     at = lengths.index(MEMORY_N)
-    peak_mib = {m: [round(p / MIB, 2) for p in peaks[m]] for m in methods}
-    return Result(
-        value=peaks["naive"][at] / max(peaks["tiled"][at], 1),
-        unit="x",
-        details={
-            "seq_lens": lengths,
-            "peak_MiB": peak_mib,
-            "growth_exponent": {m: round(growth_exponent(lengths, peaks[m]), 2) for m in methods},
-            f"sdpa_vs_naive_at_{MEMORY_N}": round(peaks["naive"][at] / max(peaks["sdpa"][at], 1), 1),
-            "shape": f"B=1, nh={N_HEAD}, hs={HEAD_SIZE}, float32, causal, no grad",
-        },
-        plots=[Plot("attention forward peak memory vs sequence length", x=lengths, series=peak_mib,
-                    xlabel="sequence length N", ylabel="peak MiB above the inputs", logx=True, logy=True)],
-    )
+    sdpa = details["peak_MiB"]["sdpa"][at]
+    details[f"naive_over_sdpa_at_{MEMORY_N}"] = round(details["peak_MiB"]["naive"][at] / sdpa, 1)
+    details["shape"] = f"B=1, nh={N_HEAD}, hs={HEAD_SIZE}, float32, causal, no grad"
+    return Result(value=value, unit="x", details=details, plots=plots)
 
 
 def _speed_sweep(

@@ -14,15 +14,14 @@ from functools import partial
 
 import torch
 
-from benchmarks.workloads.flash_attention import growth_exponent, random_qkv
-from harness.measure import Context, Plot, Result, Timings, interleaved, peak_memory_bytes
+from benchmarks.workloads.flash_attention import memory_sweep, random_qkv
+from harness.measure import Context, Plot, Result, Timings, interleaved
 from impl.gpt.attention import naive_attention
 from impl.memory_efficient_attention import DECODE_KEYS_PER_SPLIT, PREFILL_KEYS_PER_CHUNK
 from impl.memory_efficient_attention.fast import chunked_attention, split_k_attention
 from reference.torch_sdpa import attention as sdpa_attention
 
 MEMORY_N = 4096
-MIB = 2**20
 PEAK_TARGET = "benchmarks.workloads.memory_efficient_attention:peak_setup"
 
 
@@ -55,22 +54,10 @@ def peak_setup(method: str, seq_len: int, device: str = "cpu") -> Callable[[], t
 def memory_long(ctx: Context) -> Result:
     """naive / chunked peak memory at N = 4096, with the sweep over N."""
     lengths = [1024, 4096] if ctx.quick else [1024, 2048, 4096, 8192]
-    peaks = {m: [peak_memory_bytes(PEAK_TARGET, method=m, seq_len=n, device=ctx.device) for n in lengths]
-             for m in PREFILL}
-    at = lengths.index(MEMORY_N)
-    peak_mib = {m: [round(p / MIB, 2) for p in peaks[m]] for m in PREFILL}
-    return Result(
-        value=peaks["naive"][at] / max(peaks["chunked"][at], 1),
-        unit="x",
-        details={
-            "seq_lens": lengths,
-            "peak_MiB": peak_mib,
-            "growth_exponent": {m: round(growth_exponent(lengths, peaks[m]), 2) for m in PREFILL},
-            "shape": "B=1, nh=4, hs=64, float32, causal, no grad; query chunks 256, key pieces 1024",
-        },
-        plots=[Plot("attention forward peak memory vs sequence length", x=lengths, series=peak_mib,
-                    xlabel="sequence length N", ylabel="peak MiB above the inputs", logx=True, logy=True)],
-    )
+    value, details, plots = memory_sweep(PEAK_TARGET, list(PREFILL), lengths, MEMORY_N, "naive", "chunked",
+                                         ctx.device)
+    details["shape"] = "B=1, nh=4, hs=64, float32, causal, no grad; query chunks 256, key pieces 1024"
+    return Result(value=value, unit="x", details=details, plots=plots)
 
 
 def _decode_sweep(

@@ -1,16 +1,24 @@
 """Project 3 claims: what gradient checkpointing saves, how far a CPU pre-training run gets,
-and how fast the 125M model trains here."""
+and how fast the 125M model trains here against HF transformers' GPT-2 of the same shape."""
 
 from __future__ import annotations
 
-import ctypes
 import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from harness.measure import Context, Plot, Result, interleaved, peak_memory_bytes, quartiles
+from harness.measure import (
+    Context,
+    MeasurementError,
+    Plot,
+    Result,
+    interleaved,
+    peak_memory_bytes,
+    quartiles,
+    require_positive,
+)
 from impl.bpe import load
 from impl.char_gpt.train import full_split_loss
 from impl.gpt.model import GPT, GPTConfig
@@ -19,89 +27,82 @@ from impl.pretrain.data import prepare
 from impl.pretrain.naive import loss_and_grads
 from impl.pretrain.train import pretrain, sample_text
 from impl.train.loop import make_optimizer, train_step
+from reference import hf_gpt2_train
 
 MiB = 2**20
+ALLOCATORS = ("trim", "default")  # judged on "trim"; glibc's own policy reported beside it
 
 
-def _random_batch(vocab_size: int, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+def _random_batch(vocab_size: int, batch: int, seq_len: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
     return ids[:, :-1], ids[:, 1:]
 
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+def forward_backward(checkpointing: bool, seq_len: int, device: str = "cpu", n_layer: int = 24, n_embd: int = 256,
+                     batch: int = 1, vocab_size: int = 10_000, preset: str = "") -> Callable[[], object]:
+    """Setup for ``peak_memory_bytes``: a GPT on ``device`` and one batch; the closure runs forward +
+    backward and returns the gradients (so they count in the peak).
 
-
-def _release_freed_memory() -> bool:
-    """Make glibc serve every allocation of 64 KiB or more from its own mapping, returned to the
-    OS on free, so the resident set follows the live tensors. By default glibc raises that
-    threshold as tensors are freed and keeps freed blocks in a fragmented heap: the resident set
-    then also counts memory torch no longer holds. False where the C library is not glibc."""
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024) == 1
-    except (OSError, AttributeError):
-        return False
-
-
-def forward_backward(checkpointing: bool, n_layer: int, n_embd: int, seq_len: int, batch: int,
-                     vocab_size: int, live_memory: bool = True) -> Callable[[], object]:
-    """Setup for ``peak_memory_bytes``: a GPT and one batch; the closure runs forward + backward.
-
-    ``live_memory`` measures the tensors held (freed memory returned to the OS); False keeps
-    glibc's default allocator policy. A warm-up on 8 tokens runs first: the first
-    ``torch.utils.checkpoint`` call imports modules worth ~150 MiB, which is not activation
-    memory. Its gradients are freed again, so the measured call pays for its own.
+    ``preset="125m"`` builds ``gpt_125m`` instead of the ``n_layer`` x ``n_embd`` shape. A warm-up on 8
+    tokens runs first: the first ``torch.utils.checkpoint`` call imports modules worth ~150 MiB, which
+    is not activation memory. Its gradients are freed again, so the measured call pays for its own.
     """
-    if live_memory and not _release_freed_memory():
-        raise RuntimeError("live_memory needs glibc's mallopt; measure with live_memory=False")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=seq_len, n_layer=n_layer, n_head=n_embd // 64,
-                          n_embd=n_embd, gradient_checkpointing=checkpointing))
-    loss_and_grads(model, *_random_batch(vocab_size, 1, 8))
+    if preset == "125m":
+        config = gpt_125m(gradient_checkpointing=checkpointing)
+    else:
+        config = GPTConfig(vocab_size=vocab_size, block_size=seq_len, n_layer=n_layer, n_head=n_embd // 64,
+                           n_embd=n_embd, gradient_checkpointing=checkpointing)
+    model = GPT(config).to(device)
+    loss_and_grads(model, *_random_batch(config.vocab_size, 1, 8, device))
     model.zero_grad(set_to_none=True)
-    idx, targets = _random_batch(vocab_size, batch, seq_len)
+    idx, targets = _random_batch(config.vocab_size, batch, seq_len, device)
     return lambda: loss_and_grads(model, idx, targets)
 
 
 def _memory_plot(lengths: list[int], peaks: dict[str, list[float]]) -> Plot:
-    title = "Peak memory of forward + backward"
+    title = "Peak memory of forward + backward (24 x 256)"
     if len(lengths) == 1:  # quick mode: one length, one bar per series
-        return Plot(f"{title} (sequence {lengths[0]})", [float(i) for i in range(len(peaks))],
+        return Plot(f"{title}, sequence {lengths[0]}", [float(i) for i in range(len(peaks))],
                     {"MiB": [series[0] for series in peaks.values()]}, xlabel=" | ".join(peaks),
                     ylabel="MiB above baseline", kind="bar")
     return Plot(title, [float(n) for n in lengths], peaks, xlabel="sequence length",
                 ylabel="MiB above baseline")
 
 
+def _pair(device: str, allocator: str, **setup: object) -> dict[str, float]:
+    """MiB peaks of forward + backward without and with checkpointing, one fresh subprocess each."""
+    target = "benchmarks.workloads.pretrain:forward_backward"
+    return {name: peak_memory_bytes(target, allocator=allocator, checkpointing=ckpt, device=device, **setup) / MiB
+            for name, ckpt in (("full", False), ("checkpointing", True))}
+
+
 def checkpointing_memory(ctx: Context) -> Result:
-    """Peak memory of one forward + backward at sequence 1024, checkpointed / not: the live
-    tensors (the claim), and the resident set under glibc's default allocator (a detail)."""
-    shape = dict(n_layer=24, n_embd=256, batch=1, vocab_size=10_000)
+    """Peak memory of one forward + backward at sequence 1024, checkpointed / not (24 x 256, vocab
+    10K), with glibc returning freed blocks to the OS (allocator "trim", the claim); glibc's default
+    policy in the details, and in full mode the 125M model at sequence 1024 under both allocators."""
     lengths = [1024] if ctx.quick else [256, 512, 1024]
-    variants = {"full activations": (False, True), "checkpointing": (True, True)}
-    if not ctx.quick:
-        variants |= {"full activations, default malloc": (False, False),
-                     "checkpointing, default malloc": (True, False)}
-    peaks: dict[str, list[float]] = {name: [] for name in variants}
-    for seq_len in lengths:
-        for name, (checkpointing, live) in variants.items():
-            peak = peak_memory_bytes("benchmarks.workloads.pretrain:forward_backward",
-                                     checkpointing=checkpointing, live_memory=live, seq_len=seq_len, **shape)
-            peaks[name].append(peak / MiB)
+    peaks: dict[str, list[float]] = {}
+    for allocator in ALLOCATORS:
+        for seq_len in lengths:
+            for name, mib in _pair(ctx.device, allocator, seq_len=seq_len).items():
+                peaks.setdefault(f"{name} ({allocator})", []).append(mib)
     at_1024 = {name: series[-1] for name, series in peaks.items()}
-    return Result(
-        value=at_1024["checkpointing"] / at_1024["full activations"],
-        unit="x",
-        details={
-            **{f"peak MiB {name}": round(v, 1) for name, v in at_1024.items()},
-            **({"ratio with default malloc": round(at_1024["checkpointing, default malloc"]
-                                                   / at_1024["full activations, default malloc"], 3)}
-               if not ctx.quick else {}),
-            "model": f"{shape['n_layer']} layers x {shape['n_embd']} wide, vocab {shape['vocab_size']:,}",
-            "batch x sequence": f"{shape['batch']} x 1024",
-            "measured": "VmHWM above the post-setup baseline, a fresh subprocess each",
-        },
-        plots=[_memory_plot(lengths, peaks)],
-    )
+    ratio = {a: at_1024[f"checkpointing ({a})"] / at_1024[f"full ({a})"] for a in ALLOCATORS}
+    details: dict[str, object] = {
+        **{f"peak MiB {name}": round(v, 1) for name, v in at_1024.items()},
+        "ratio (default allocator)": round(ratio["default"], 3),
+        "model": "24 layers x 256 wide, vocab 10,000; batch 1 x 1024",
+        "measured": "peak above the post-setup baseline, a fresh subprocess each (CPU: VmHWM; CUDA: "
+                    "max_memory_allocated); allocator trim = glibc M_MMAP_THRESHOLD 64 KiB",
+    }
+    if not ctx.quick:  # one 125M subprocess took 90 s wall (24 s of CPU) on the busy 2-core machine
+        big = {a: _pair(ctx.device, a, seq_len=1024, preset="125m") for a in ALLOCATORS}
+        details |= {f"125M peak MiB {name} ({a})": round(v, 1) for a, pair in big.items() for name, v in pair.items()}
+        details |= {f"125M ratio ({a})": round(big[a]["checkpointing"] / big[a]["full"], 3) for a in ALLOCATORS}
+        details |= {f"ratio at {n} ({a})": round(peaks[f"checkpointing ({a})"][i] / peaks[f"full ({a})"][i], 3)
+                    for a in ALLOCATORS for i, n in enumerate(lengths)}
+    return Result(value=ratio["trim"], unit="x", details=details, plots=[_memory_plot(lengths, peaks)])
 
 
 def unigram_loss(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int) -> float:
@@ -119,7 +120,7 @@ def cpu_pretraining(ctx: Context) -> Result:
     model_cfg, train_cfg = train_preset("small", **quick)
     model_cfg.vocab_size = tokens.vocab_size
     iters = train_cfg.max_iters
-    model, result = pretrain(tokens, model_cfg, train_cfg, progress=False)
+    model, result = pretrain(tokens, model_cfg, train_cfg, device=ctx.device, progress=False)
     val_ids = tokens.val if not ctx.quick else tokens.val[: 32 * 1024]
     val = full_split_loss(model, val_ids)  # fp32: bf16 autocast trains fp32 master weights
     ln_vocab = math.log(tokens.vocab_size)
@@ -140,6 +141,7 @@ def cpu_pretraining(ctx: Context) -> Result:
             "parameters": model.num_params(),
             "dtype": train_cfg.dtype,
             "corpus": tokens.meta["corpus"],
+            "device": ctx.device,
         },
         plots=[
             Plot("Pre-training loss (small preset, BPE 10K)", [float(r["iter"]) for r in result.history],
@@ -156,33 +158,52 @@ def cpu_pretraining(ctx: Context) -> Result:
 
 
 def throughput_125m(ctx: Context) -> Result:
-    """Tokens per second of one AdamW step (forward, backward, clip, step) of the 125M model on
-    batch 1 x 1024, fp32; bf16 autocast (and, in full mode, fp32 with checkpointing) as details."""
+    """Our 125M model's training throughput over HF ``GPT2LMHeadModel``'s of the same shape: one AdamW
+    step (forward, backward, clip, step) on the same batch 1 x 1024, fp32, no checkpointing, steps
+    interleaved in one process. bf16 autocast (and, in full mode, checkpointing) as details."""
     seq_len = 1024
+    config = gpt_125m()
+    recipe = train_preset("125m")[1]
     torch.manual_seed(0)
-    model = GPT(gpt_125m())
-    optimizer = make_optimizer(model, train_preset("125m")[1])
-    idx, targets = _random_batch(model.config.vocab_size, 1, seq_len)
+    model = GPT(config).to(ctx.device)
+    optimizer = make_optimizer(model, recipe)
+    shape = dict(vocab_size=config.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
+                 n_head=config.n_head, n_embd=config.n_embd)
+    hf = hf_gpt2_train.build(**shape, device=ctx.device)
+    hf_optimizer = hf_gpt2_train.adamw(hf, recipe.learning_rate, (recipe.beta1, recipe.beta2), recipe.weight_decay)
+    if model.num_params() != hf.num_parameters():
+        raise MeasurementError(f"our model has {model.num_params():,} parameters and HF's {hf.num_parameters():,}: "
+                               f"not the same shape, so their speeds cannot be compared")
+    idx, targets = _random_batch(config.vocab_size, 1, seq_len, ctx.device)
 
-    def step(dtype: str, checkpointing: bool) -> None:
-        model.config.gradient_checkpointing = checkpointing
-        train_step(model, optimizer, [(idx, targets)], dtype, grad_clip=1.0)
+    def ours(dtype: str, checkpointing: bool) -> Callable[[], None]:
+        def step() -> None:
+            model.config.gradient_checkpointing = checkpointing
+            train_step(model, optimizer, [(idx, targets)], dtype, grad_clip=1.0)
+        return step
 
-    fns = {"fp32": lambda: step("fp32", False), "bf16 autocast": lambda: step("bf16", False)}
+    fns = {"ours fp32": ours("fp32", False),
+           "HF fp32": lambda: hf_gpt2_train.train_step(hf, hf_optimizer, idx, targets, grad_clip=1.0)}
     if not ctx.quick:
-        fns["fp32 + checkpointing"] = lambda: step("fp32", True)
-    timings = interleaved(fns, rounds=1 if ctx.quick else 3, warmup=1)  # warm-up allocates AdamW state
+        fns |= {"ours bf16 autocast": ours("bf16", False),
+                "HF bf16 autocast": lambda: hf_gpt2_train.train_step(hf, hf_optimizer, idx, targets,
+                                                                     torch.bfloat16, grad_clip=1.0),
+                "ours fp32 + checkpointing": ours("fp32", True)}
+    # the warm-up step allocates AdamW's moments; quick: 2 rounds, full: 3
+    timings = interleaved(fns, rounds=2 if ctx.quick else 3, warmup=1, device=ctx.device)
     per_s = {name: [seq_len / s for s in timings.seconds[name]] for name in fns}
-    q1, med, q3 = quartiles(per_s["fp32"])
+    ratio, spread = timings.ratio("HF fp32", "ours fp32")  # time(HF)/time(ours) = our tokens/s / HF's
     return Result(
-        value=med,
-        unit="tokens/s",
-        spread=(q1, q3),
+        value=require_positive("throughput ratio ours / HF", ratio),
+        unit="x",
+        spread=spread,
         details={
             **{f"tokens_per_s {name}": round(quartiles(v)[1], 1) for name, v in per_s.items()},
             **{f"step_s {name}": round(timings.median_s(name), 2) for name in fns},
-            "parameters": model.num_params(),
+            "parameters ours": model.num_params(),
+            "parameters HF": hf.num_parameters(),
             "batch": f"1 x {seq_len} tokens",
+            "device": ctx.device,
             "threads": torch.get_num_threads(),
         },
         plots=[Plot("125M training step, batch 1 x 1024", [float(i) for i in range(len(fns))],

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from harness.measure import Context, Plot, Result, interleaved, peak_memory_bytes, quartiles
+from harness.measure import Context, Plot, Result, interleaved, peak_memory_bytes, peak_sweep, quartiles
 from impl.gpt.attention import naive_attention
 from impl.sparse_attention import fast
 from impl.sparse_attention.patterns import bigbird_layout, fixed_layout, num_blocks, window_layout
@@ -70,25 +70,29 @@ def _sweep(ctx: Context) -> list[int]:
     return [1024, 2048, 4096] if ctx.quick else [1024, 2048, 4096, 8192, 16384]
 
 
-def memory_exponent(ctx: Context) -> Result:
-    """Fitted exponent of the window pattern's peak memory vs N (each peak in a fresh process)."""
+def window_memory_growth(ctx: Context) -> Result:
+    """Fitted exponent of the window pattern's peak memory vs N (each peak in a fresh process,
+    allocator "trim"); every pattern's exponent, and the window's at glibc's default allocator, in details."""
     lengths = _sweep(ctx)
-    peaks = {m: [peak_memory_bytes(TARGET, method=m, seq_len=n, device=ctx.device) for n in lengths]
-             for m in METHODS}
-    exponents = {m: round(growth_exponent(lengths, [max(p, 1) for p in peaks[m]]), 3) for m in METHODS}
+    peaks = peak_sweep(TARGET, list(METHODS), lengths, device=ctx.device)
+    default = [peak_memory_bytes(TARGET, allocator="default", method="window", seq_len=n, device=ctx.device)
+               for n in lengths]
+    exponents = {m: round(growth_exponent(lengths, peaks[m]), 3) for m in METHODS}
     peak_mib = {m: [round(p / MIB, 2) for p in peaks[m]] for m in METHODS}
     kept = {m: round(layout_for(m, lengths[-1]).float().mean().item(), 4) for m in METHODS if m != "dense"}
     return Result(
         value=exponents["window"],
-        details={"seq_lens": lengths, "exponents": exponents, "peak_MiB": peak_mib,
+        details={"seq_lens": lengths, "allocator": "trim (judged)", "exponents": exponents, "peak_MiB": peak_mib,
+                 "window_default_allocator": {"peak_MiB": [round(p / MIB, 2) for p in default],
+                                              "exponent": round(growth_exponent(lengths, default), 3)},
                  f"kept_block_fraction_at_{lengths[-1]}": kept},
-        plots=[Plot("attention peak memory vs sequence length", x=lengths, series=peak_mib,
+        plots=[Plot("attention peak memory vs sequence length (allocator trim)", x=lengths, series=peak_mib,
                     xlabel="sequence length N", ylabel="peak MiB", logx=True, logy=True)],
     )
 
 
-def time_exponent(ctx: Context) -> Result:
-    """Fitted exponent of the window pattern's time vs N; all methods interleaved at each N.
+def _time_growth(ctx: Context, judged: str, methods: tuple[str, ...]) -> Result:
+    """Fitted exponent of ``judged``'s time vs N; ``methods`` interleaved at each N.
 
     On CPU the sweep runs on one thread: the claim is about how the work grows, and a thread
     pool's fixed cost per op (and its barrier stalls on a shared machine) bends the small-N end
@@ -96,32 +100,45 @@ def time_exponent(ctx: Context) -> Result:
     """
     lengths = _sweep(ctx)
     rounds = 5
-    seconds: dict[str, list[list[float]]] = {m: [] for m in METHODS}  # method -> per N -> per round
+    seconds: dict[str, list[list[float]]] = {m: [] for m in methods}  # method -> per N -> per round
     threads = torch.get_num_threads()
     sweep_threads = 1 if ctx.device == "cpu" else threads
     torch.set_num_threads(sweep_threads)
     try:
         for n in lengths:
-            fns = {m: attention_call(m, n, ctx.device) for m in METHODS}
+            fns = {m: attention_call(m, n, ctx.device) for m in methods}
             timings = interleaved(fns, rounds=rounds, warmup=1, device=ctx.device, min_time_s=0.05)
-            for m in METHODS:
+            for m in methods:
                 seconds[m].append(timings.seconds[m])
     finally:
         torch.set_num_threads(threads)
-    medians_ms = {m: [statistics.median(per_n) * 1e3 for per_n in seconds[m]] for m in METHODS}
-    exponents = {m: round(growth_exponent(lengths, medians_ms[m]), 3) for m in METHODS}
-    per_round = [growth_exponent(lengths, [per_n[r] for per_n in seconds["window"]]) for r in range(rounds)]
+    medians_ms = {m: [statistics.median(per_n) * 1e3 for per_n in seconds[m]] for m in methods}
+    exponents = {m: round(growth_exponent(lengths, medians_ms[m]), 3) for m in methods}
+    per_round = [growth_exponent(lengths, [per_n[r] for per_n in seconds[judged]]) for r in range(rounds)]
     q1, _, q3 = quartiles(per_round)
-    speedup = medians_ms["dense"][-1] / medians_ms["window"][-1]
+    kept = {m: round(layout_for(m, lengths[-1]).float().mean().item(), 4) for m in methods if m != "dense"}
     return Result(
-        value=exponents["window"],
+        value=exponents[judged],
         spread=(q1, q3),
         details={"seq_lens": lengths, "exponents": exponents, "threads": sweep_threads,
-                 "median_ms": {m: [round(t, 3) for t in medians_ms[m]] for m in METHODS},
-                 f"window_speedup_over_dense_at_{lengths[-1]}": round(speedup, 1)},
+                 "median_ms": {m: [round(t, 3) for t in medians_ms[m]] for m in methods},
+                 f"kept_block_fraction_at_{lengths[-1]}": kept,
+                 f"time_over_{judged}_at_{lengths[-1]}": {
+                     m: round(medians_ms[m][-1] / medians_ms[judged][-1], 2) for m in methods if m != judged}},
         plots=[Plot("attention time vs sequence length", x=lengths, series=medians_ms,
                     xlabel="sequence length N", ylabel="median ms per call", logx=True, logy=True)],
     )
+
+
+def window_time_growth(ctx: Context) -> Result:
+    """Fitted exponent of the sliding window's time vs N, with BigBird and dense attention beside it."""
+    return _time_growth(ctx, "window", ("window", "bigbird", "dense"))
+
+
+def fixed_time_growth(ctx: Context) -> Result:
+    """Fitted exponent of the fixed (strided, stride ~ sqrt(N / 64) blocks) pattern's time vs N,
+    with the window beside it (dense attention's curve is the window claim's)."""
+    return _time_growth(ctx, "fixed", ("fixed", "window"))
 
 
 def _longest_fitting(

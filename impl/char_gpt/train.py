@@ -35,13 +35,32 @@ def prepare(corpus: str = "tinyshakespeare", val_fraction: float = 0.1) -> CharD
     return CharData(tok, as_ids(train_text), as_ids(val_text), train_text)
 
 
+def recipe(vocab_size: int, seed: int = 1337) -> tuple[GPTConfig, TrainConfig]:
+    """nanoGPT's shakespeare_char CPU recipe as (model config, training config).
+
+    The README's command line (4 layers, 4 heads, 128 wide, block 64, batch 12, 2000 iterations
+    with the cosine decay ending at 2000, dropout 0, 20 evaluation batches) on top of its
+    ``train.py`` defaults: no biases, AdamW betas (0.9, 0.99), weight decay 0.1 on 2-D weights,
+    clipping at 1.0, 100 warm-up iterations, learning rate 1e-3 decaying to 1e-4, seed 1337.
+    """
+    model_cfg = GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=4, n_head=4, n_embd=128,
+                          dropout=0.0, bias=False)
+    train_cfg = TrainConfig(max_iters=2000, lr_decay_iters=2000, batch_size=12, block_size=64,
+                            learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.1,
+                            beta1=0.9, beta2=0.99, grad_clip=1.0, eval_interval=250, eval_iters=20,
+                            seed=seed)
+    return model_cfg, train_cfg
+
+
 def train_char_gpt(
     data: CharData, model_cfg: GPTConfig, train_cfg: TrainConfig, out_dir: str | Path | None = None,
-    resume: bool = False, progress: bool = True,
+    resume: bool = False, progress: bool = True, device: str = "cpu",
 ) -> tuple[GPT, TrainResult]:
-    """Train a fresh GPT (seeded by ``train_cfg.seed``) on ``data``; checkpoints go to ``out_dir``."""
+    """Train a fresh GPT (seeded by ``train_cfg.seed``) on ``data`` on ``device``; checkpoints go
+    to ``out_dir``. Returns the trained model (on ``device``) and the loop's result."""
     torch.manual_seed(train_cfg.seed)
-    model = GPT(model_cfg)
+    # built on the CPU, then moved: the same seed gives the same initial weights on every device
+    model = GPT(model_cfg).to(device)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         data.tokenizer.save(Path(out_dir) / TOKENIZER_FILE)
@@ -52,17 +71,20 @@ def train_char_gpt(
 
 @torch.no_grad()
 def full_split_loss(model: GPT, ids: np.ndarray, batch_size: int = 64) -> float:
-    """Mean next-token loss over every non-overlapping window of the split (no sampling noise)."""
+    """Mean next-token loss (nats) over every non-overlapping ``block_size`` window of the split
+    ``ids`` (1-D token ids), on the model's device: the whole split, no sampling noise."""
     block = model.config.block_size
+    device = next(model.parameters()).device
     n = (len(ids) - 1) // block
-    x = torch.from_numpy(ids[: n * block].astype(np.int64)).view(n, block)
+    x = torch.from_numpy(ids[: n * block].astype(np.int64)).view(n, block)  # (n, block)
     y = torch.from_numpy(ids[1 : n * block + 1].astype(np.int64)).view(n, block)
     model.eval()
     total = 0.0
     for i in range(0, n, batch_size):
-        logits = model(x[i : i + batch_size])
+        logits = model(x[i : i + batch_size].to(device))  # (b, block, vocab)
         total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), y[i : i + batch_size].reshape(-1), reduction="sum"
+            logits.reshape(-1, logits.size(-1)).float(), y[i : i + batch_size].reshape(-1).to(device),
+            reduction="sum",
         ).item()
     return total / (n * block)
 
@@ -80,8 +102,10 @@ def sample(
     model: GPT, tok: CharTokenizer, prompt: str = "\n", n_chars: int = 500,
     temperature: float = 0.8, top_k: int | None = 20, seed: int = 0,
 ) -> str:
-    """``n_chars`` of text continuing ``prompt`` (the prompt itself not included)."""
-    idx = torch.tensor([tok.encode(prompt)], dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
+    """``n_chars`` of text continuing ``prompt`` (the prompt itself not included), sampled on the
+    model's device (a seed gives the same text on the same device)."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([tok.encode(prompt)], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     out = generate(model, idx, n_chars, temperature, top_k, gen, crop_context=True)
     return tok.decode(out[0, idx.shape[1] :].tolist())

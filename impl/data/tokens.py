@@ -46,7 +46,8 @@ def random_batch(
     data: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` random windows: inputs (B, T) and next-token targets (B, T), int64."""
-    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
+    # every window whose targets fit: starts 0 .. len - block_size - 1 (nanoGPT's get_batch draws the same)
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
     x = np.stack([data[s : s + block_size] for s in starts]).astype(np.int64)
     y = np.stack([data[s + 1 : s + 1 + block_size] for s in starts]).astype(np.int64)
     return torch.from_numpy(x), torch.from_numpy(y)

@@ -7,9 +7,11 @@ so its memory is bounded and known up front:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from impl.gpt.model import GPT
+from impl.gpt.model import GPT, KVCacheLike
 from impl.gpt.sampling import sample_next
 
 
@@ -64,13 +66,18 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    make_cache: Callable[[GPT, int, int], KVCacheLike] | None = None,
 ) -> torch.Tensor:
-    """Same contract as ``naive.generate``: (B, T) prompt -> (B, T + max_new_tokens) ids."""
+    """Same contract as ``naive.generate``: (B, T) prompt -> (B, T + max_new_tokens) ids.
+
+    ``make_cache(model, batch, max_tokens)`` builds the cache (default: the pre-allocated
+    ``KVCache``; ``impl.kv_cache.concat`` passes its growing one through here).
+    """
     B, T = idx.shape
     total = T + max_new_tokens
     if total > model.config.block_size:
         raise ValueError(f"prompt + new tokens = {total} exceeds block_size {model.config.block_size}")
-    cache = KVCache.for_model(model, B, total)
+    cache = (make_cache or KVCache.for_model)(model, B, total)
     logits = model(idx, cache=cache)  # prefill: the prompt in one forward
     out = [idx]
     for step in range(max_new_tokens):

@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from impl.mixed_precision.benchmark import PRECISIONS, Shape, compare_precisions, format_table, plot_rows
+from benchmarks.workloads.mixed_precision import compare_precisions, format_table, plot_rows
+from impl.mixed_precision.steps import PRECISIONS, Shape
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,11 @@ token file far larger than memory (``random_batch`` only reads the windows it dr
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,7 +23,7 @@ from tqdm.auto import tqdm
 
 from impl.data.tokens import random_batch
 from impl.gpt.model import lm_loss
-from impl.train.checkpoint import load_checkpoint, save_checkpoint
+from impl.train.checkpoint import CheckpointCorrupt, load_checkpoint, save_checkpoint
 from impl.train.tracking import MetricsLog
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -158,6 +161,24 @@ def train_step(
     return step_loss
 
 
+def _load_for_resume(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """(meta, rng states) of the checkpoint to resume from, or None when there is none or it is
+    corrupt: then the run starts from iteration 0, saying so in one line. A corrupt file is moved
+    aside (``<name>.corrupt-<timestamp>``), never loaded, and the model and optimizer stay untouched."""
+    if not path.exists():
+        print(f"resume: no checkpoint at {path}; starting from iteration 0", file=sys.stderr)
+        return None
+    try:
+        return load_checkpoint(path, model, optimizer)
+    except CheckpointCorrupt as e:
+        aside = path.with_name(f"{path.name}.corrupt-{datetime.now():%Y%m%dT%H%M%S.%f}")
+        os.replace(path, aside)
+        print(f"resume: {e}; moved it to {aside.name} and starting from iteration 0", file=sys.stderr)
+        return None
+
+
 def train(
     model: torch.nn.Module,
     train_data: np.ndarray,
@@ -171,7 +192,9 @@ def train(
 ) -> TrainResult:
     """Train ``model`` on token arrays; with ``out_dir``, checkpoint at each evaluation
     (``last.safetensors``, and ``best.safetensors`` on a new best val loss) and log
-    ``metrics.jsonl``. ``resume`` continues from ``last.safetensors`` bit-exactly."""
+    ``metrics.jsonl``. ``resume`` continues from ``last.safetensors`` bit-exactly (a run killed at
+    any moment, even mid-checkpoint, resumes to the same weights and log); without a usable
+    checkpoint it starts from iteration 0 (see ``_load_for_resume``)."""
     device = next(model.parameters()).device.type
     if cfg.dtype == "fp16" and scaler is None:
         raise ValueError("dtype fp16 needs a loss scaler (pass scaler=...): fp16 gradients underflow")
@@ -181,10 +204,13 @@ def train(
     out = Path(out_dir) if out_dir is not None else None
     result = TrainResult()
     start_iter = 0
+    loaded = None
     if resume:
         if out is None:
             raise ValueError("resume needs out_dir")
-        meta, rng = load_checkpoint(out / "last.safetensors", model, optimizer)
+        loaded = _load_for_resume(out / "last.safetensors", model, optimizer)
+    if loaded is not None:
+        meta, rng = loaded
         start_iter = meta["iter"]
         gen.set_state(rng["batches"])
         torch.set_rng_state(rng["torch"])
@@ -192,14 +218,14 @@ def train(
         result.best_val_loss = meta.get("best_val_loss", math.nan)
         if scaler is not None and meta.get("scaler") is not None and hasattr(scaler, "load_state_dict"):
             scaler.load_state_dict(meta["scaler"])  # fp16: the loss scale is part of the state
-    metrics = MetricsLog(out, start_iter if resume else None, cfg.tensorboard) if out is not None else None
+    metrics = MetricsLog(out, start_iter if loaded is not None else None, cfg.tensorboard) if out is not None else None
     model.train()
     stop = cfg.max_iters if cfg.stop_after is None else min(cfg.max_iters, cfg.stop_after)
     tokens = 0
     t0 = time.perf_counter()
     bar = tqdm(range(start_iter, stop + 1), desc="train", disable=not progress, leave=False)
     for it in bar:
-        evaluated_before_interruption = resume and it == start_iter
+        evaluated_before_interruption = loaded is not None and it == start_iter
         if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not evaluated_before_interruption:
             row = {
                 "kind": "eval",
@@ -226,9 +252,12 @@ def train(
                     **(extra_meta or {}),
                 }
                 rng = {"batches": gen.get_state(), "torch": torch.get_rng_state()}
-                save_checkpoint(out / "last.safetensors", model, optimizer, rng, meta)
+                metrics.sync()  # the log rows up to here reach the disk before the checkpoint that follows them
+                # best before last: a kill between the two resumes from the older last, which
+                # redoes this evaluation and rewrites best; the other order would lose this best
                 if improved:
                     save_checkpoint(out / "best.safetensors", model, None, None, meta)
+                save_checkpoint(out / "last.safetensors", model, optimizer, rng, meta)
         if it == stop:
             break
         for group in optimizer.param_groups:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -172,3 +173,49 @@ def pattern_properties(build, kind: str, n_blocks: int, causal: bool, window: in
     assert torch.equal(extra, expected_extra), (
         f"random blocks per query block are {extra.tolist()}, expected {expected_extra.tolist()} "
         f"({kind}, n_random={n_random})")
+
+
+def router_properties(route, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_query: torch.Tensor,
+                      w_key: torch.Tensor, block_size: int, top_k: int, causal: bool) -> None:
+    """The property check of the learned router ``route(q, k, w_query, w_key, block_size, top_k,
+    causal) -> (layout, bias)``, against scores recomputed here block by block in float64.
+
+    Each query block keeps its diagonal block plus exactly min(top_k, candidates) other blocks, the
+    candidates being the earlier blocks (causal) or all other blocks; no kept candidate scores below
+    a dropped one (ties may go either way: a 1e-4 relative slack covers float32 rounding); a causal
+    row never keeps a later block; the straight-through bias is zero in value. The router's documented
+    pooling: keys by their block's mean, queries by the block's first token (causal) or mean.
+    """
+    del v  # the router sees queries and keys only
+    layout, bias = route(q, k, w_query, w_key, block_size, top_k, causal)
+    B, nh, T, _ = q.shape
+    n = math.ceil(T / block_size)
+    assert layout.dtype == torch.bool and layout.shape == (B, nh, n, n), (
+        f"the layout must be bool ({B}, {nh}, {n}, {n}), got {layout.dtype} {tuple(layout.shape)}")
+    assert bias.shape == (B, nh, n, n) and not bias.detach().any(), "the straight-through bias must be 0 in value"
+    wq, wk = w_query.double(), w_key.double()
+    scale = math.sqrt(w_query.shape[1])
+    for b in range(B):
+        for h in range(nh):
+            blocks_q = [q[b, h, i * block_size:(i + 1) * block_size].double() for i in range(n)]
+            keys = [k[b, h, j * block_size:(j + 1) * block_size].double().mean(0) @ wk for j in range(n)]
+            for i in range(n):
+                row = layout[b, h, i]
+                assert row[i], f"query block {i} (batch {b}, head {h}) drops its own block"
+                kept = [j for j in range(n) if row[j] and j != i]
+                if causal:
+                    future = [j for j in kept if j > i]
+                    assert not future, f"causal query block {i} keeps later blocks {future}"
+                candidates = [j for j in range(n) if (j < i if causal else j != i)]
+                assert len(kept) == min(top_k, len(candidates)), (
+                    f"query block {i} keeps {len(kept)} other blocks, expected min(top_k={top_k}, "
+                    f"{len(candidates)} candidates)")
+                pooled = blocks_q[i][0] if causal else blocks_q[i].mean(0)
+                score = {j: float((pooled @ wq) @ keys[j]) / scale for j in candidates}
+                dropped = [j for j in candidates if j not in kept]
+                if kept and dropped:
+                    worst_kept, best_dropped = min(score[j] for j in kept), max(score[j] for j in dropped)
+                    slack = 1e-4 * (1 + abs(best_dropped))
+                    assert worst_kept >= best_dropped - slack, (
+                        f"query block {i} keeps a block scoring {worst_kept:.4g} but drops one scoring "
+                        f"{best_dropped:.4g}: not the top {top_k}")

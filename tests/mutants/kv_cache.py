@@ -3,7 +3,7 @@
 import torch
 
 from impl.gpt.model import GPT
-from impl.kv_cache import fast
+from impl.kv_cache import concat, fast
 
 
 class _OffByOneCache(fast.KVCache):
@@ -39,3 +39,17 @@ def stale_cache(config, state, prompt, max_new_tokens):
 def drops_last_token(config, state, prompt, max_new_tokens):
     out = fast.greedy(config, state, prompt, max_new_tokens)
     return torch.cat([out[:, :-1], torch.zeros_like(out[:, -1:])], dim=1)
+
+
+class _ConcatNotStored(concat.ConcatKVCache):
+    def update(self, layer, k, v):
+        if self.k[layer] is None:
+            return super().update(layer, k, v)
+        # the concatenation is attended to but never assigned back: each step sees the prompt
+        # and itself only
+        return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+
+
+def concat_result_not_stored(config, state, prompt, max_new_tokens):
+    return fast.generate(GPT.from_state(config, state), prompt, max_new_tokens,
+                         make_cache=_ConcatNotStored.for_model)

@@ -56,22 +56,29 @@ def unmasked_dense_softmax(q, k, v, layout, block_size, causal, block_bias=None)
     return weights @ v
 
 
-# learned routing (subject of the learned-pattern check)
-def learned_leaky_pooled_query(q, k, v, w_query, w_key, block_size, top_k, causal):
+# learned routing: the router itself (subject of the router property check)
+def router_picks_lowest_scores(q, k, w_query, w_key, block_size, top_k, causal):
+    """The router keeps the worst-scoring blocks (a sign slip, like topk(largest=False))."""
+    return learned.route_blocks(q, k, -w_query, w_key, block_size, top_k, causal)
+
+
+def router_leaky_pooled_query(q, k, w_query, w_key, block_size, top_k, causal):
     """Causal routing with the block's *mean* query: a token's blocks depend on later tokens."""
     routed_q = q.clone()
     routed_q[:, :, ::block_size] = learned._block_means(q, block_size)
-    layout, bias = learned.route_blocks(routed_q, k, w_query, w_key, block_size, top_k, causal)
-    return fast.sparse_attention(q, k, v, layout, block_size, causal, block_bias=bias)
+    return learned.route_blocks(routed_q, k, w_query, w_key, block_size, top_k, causal)
 
 
-def learned_picks_lowest_scores(q, k, v, w_query, w_key, block_size, top_k, causal):
-    """The router keeps the worst-scoring blocks (a sign slip, like topk(largest=False))."""
-    return learned.learned_attention_fast(q, k, v, -w_query, w_key, block_size, top_k, causal)
+def router_may_pick_future_block(q, k, w_query, w_key, block_size, top_k, causal):
+    """Causal routing that scores like the real router (each block pooled to its first query) but
+    forgets the causal candidate mask: any other block, earlier or later, may be kept."""
+    T = q.shape[2]
+    first = q[:, :, ::block_size].repeat_interleave(block_size, dim=2)[:, :, :T]  # block mean = first query
+    return learned.route_blocks(first if causal else q, k, w_query, w_key, block_size, top_k, causal=False)
 
 
+# learned attention (subject of the learned-pattern check)
 def learned_skips_last_kept_block(q, k, v, w_query, w_key, block_size, top_k, causal):
     """The learned pattern run through the block-sparse path that drops one kept block."""
     return learned.learned_sparse_attention(q, k, v, w_query, w_key, block_size, top_k, causal,
                                             fast_skips_last_kept_block)
-
