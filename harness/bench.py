@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.measure import Context, NotApplicable, Result, environment
+from harness.measure import Context, NotApplicable, Result, environment, exit_reason
 from harness.spec import Claim, Spec, load_spec, resolve
 
 # where results.json and the report go: reports/out, or $HANDSON_REPORT_DIR
@@ -178,14 +178,6 @@ def _worker(conn: Any, spec_path: str, jobs: list[tuple[str, str]], quick: bool,
     conn.close()
 
 
-def _exit_reason(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        name = signal.Signals(-exitcode).name
-        return f"killed by {name}" + (" (the OOM killer sends SIGKILL when memory runs out)"
-                                      if name == "SIGKILL" else "")
-    return f"exited with code {exitcode}"
-
-
 @dataclass
 class Job:
     spec: Spec
@@ -226,7 +218,7 @@ def _run_isolated(spec: Spec, jobs: list[Job], quick: bool, threads: int, on_sta
                         failure = f"timed out after {job.claim.timeout_s:g} s (timeout_s)"
                     except EOFError:
                         proc.join(5)
-                        failure = f"the worker process died during the claim: {_exit_reason(proc.exitcode)}"
+                        failure = f"the worker process died during the claim: {exit_reason(proc.exitcode)}"
                 row = claim_row(job.claim, job.device, "quick" if quick else "full")
                 on_row(job, row | {"verdict": "error", "error": failure, "seconds": time.perf_counter() - started})
                 done = i + 1

@@ -43,10 +43,9 @@ def record(results: dict[str, Any], commit: str, directory: Path = RESULTS_DIR) 
     by_slug = {p["slug"]: p for p in load(commit, directory).get("projects", [])}
     by_slug |= {p["slug"]: p for p in mine["projects"]}
     merged = {"commit": commit, "projects": sorted(by_slug.values(), key=lambda p: p["project"])}
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(merged, indent=1, default=str))
-    tmp.replace(path)
+    from harness.bench import save_results  # the harness's one atomic write (temp file, fsync, rename)
+
+    save_results(merged, path)
     return path
 
 
@@ -67,7 +66,7 @@ def commits(directory: Path = RESULTS_DIR) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m harness.history record``: store what reports/out/results.json holds for HEAD."""
-    from harness.bench import RESULTS
+    from harness.bench import RESULTS, ResultsFileError, load_results
     from harness.measure import git_commit
 
     args = sys.argv[1:] if argv is None else argv
@@ -78,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     if not RESULTS.is_file():
         print(f"history: no {RESULTS} (run `nox -s bench` first); asv results only")
         return 0
-    path = record(json.loads(RESULTS.read_text()), commit)
+    try:
+        results = load_results(move_aside=False)
+    except ResultsFileError as e:
+        print(f"history: {e}; not recorded", file=sys.stderr)
+        return 2
+    path = record(results, commit)
     if path is None:
         print(f"history: {RESULTS} holds nothing measured at {commit[:10]}; not recorded")
     else:

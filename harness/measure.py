@@ -184,6 +184,15 @@ else:
 print("PEAK_BYTES", json.dumps(peak))
 """
 
+def exit_reason(returncode: int | None) -> str:
+    """How a child process ended: "killed by SIGKILL (...)" for a signal, else "exited with code N"."""
+    if returncode is not None and returncode < 0:
+        name = signal.Signals(-returncode).name
+        return f"killed by {name}" + (" (the OOM killer sends SIGKILL when memory runs out)"
+                                      if name == "SIGKILL" else "")
+    return f"exited with code {returncode}"
+
+
 ALLOCATORS = ("trim", "default")
 MEASURES = ("peak", "held")
 
@@ -220,9 +229,7 @@ def peak_memory_bytes(
         cwd=os.getcwd(),
     )
     if proc.returncode < 0:
-        name = signal.Signals(-proc.returncode).name
-        hint = " (the OOM killer sends SIGKILL when memory runs out)" if name == "SIGKILL" else ""
-        raise MeasurementError(f"peak-memory worker for {target} {kwargs} was killed by {name}{hint}")
+        raise MeasurementError(f"peak-memory worker for {target} {kwargs} was {exit_reason(proc.returncode)}")
     for line in proc.stdout.splitlines():
         if line.startswith("PEAK_BYTES "):
             peak = int(json.loads(line.split(" ", 1)[1]))

@@ -61,15 +61,16 @@ def logits(config: dict, state: dict[str, torch.Tensor], idx: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def generate(hf: GPT2LMHeadModel, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Greedy ``generate`` with HF's own KV cache: (B, T) -> (B, T + max_new_tokens)."""
+def generate(hf: GPT2LMHeadModel, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True) -> torch.Tensor:
+    """Greedy ``generate``: (B, T) -> (B, T + max_new_tokens), with HF's own KV cache, or without it
+    (``use_cache=False``: every step re-runs the whole context)."""
     return hf.generate(
         idx,
         attention_mask=torch.ones_like(idx),
         max_new_tokens=max_new_tokens,
         min_new_tokens=max_new_tokens,
         do_sample=False,
-        use_cache=True,
+        use_cache=use_cache,
         pad_token_id=0,
     )
 

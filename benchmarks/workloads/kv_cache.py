@@ -37,12 +37,6 @@ def p1_shaped_model(block_size: int = 1024, device: str = "cpu") -> GPT:
     return GPT(p1_config(block_size)).to(device).eval()
 
 
-def _hf_uncached(hf: object, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """HF greedy ``generate`` without its KV cache: every step re-runs the whole context."""
-    return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=max_new_tokens,
-                       min_new_tokens=max_new_tokens, do_sample=False, use_cache=False, pad_token_id=0)
-
-
 def _prompt(device: str, batch: int = 1) -> torch.Tensor:
     return torch.randint(65, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0)).to(device)
 
@@ -88,7 +82,7 @@ def speedup_growth_vs_hf(ctx: Context) -> Result:
         t = interleaved(
             {"ours_uncached": lambda n=n: naive.generate(model, prompt, n),
              "ours_cached": lambda n=n: fast.generate(model, prompt, n),
-             "hf_uncached": lambda n=n: _hf_uncached(hf, prompt, n),
+             "hf_uncached": lambda n=n: hf_generate(hf, prompt, n, use_cache=False),
              "hf_cached": lambda n=n: hf_generate(hf, prompt, n)},
             rounds=rounds, warmup=1, device=ctx.device,
         )

@@ -42,7 +42,7 @@ import torch
 
 from impl.data.corpus import cache_dir
 from impl.gpt.model import GPT, GPTConfig
-from impl.train.checkpoint import CheckpointCorrupt, load_checkpoint, read_meta, save_checkpoint
+from impl.train.checkpoint import CheckpointCorrupt, fsync_path, load_checkpoint, read_meta, save_checkpoint
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -156,14 +156,6 @@ def _locked(name: str, mode: int) -> Iterator[None]:
         os.close(fd)  # closing the last descriptor releases the lock
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _build(spec: CachedModel) -> None:
     """Build ``spec`` into a private directory and publish it with one rename (exclusive lock held)."""
     root = models_dir()
@@ -181,10 +173,10 @@ def _build(spec: CachedModel) -> None:
         "build_s": round(time.perf_counter() - t0, 3),
     }
     (work / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-    _fsync(work / MANIFEST_FILE)
-    _fsync(work)
+    fsync_path(work / MANIFEST_FILE)
+    fsync_path(work)
     os.rename(work, root / spec.name)  # the publication: before it nothing is visible, after it all is
-    _fsync(root)
+    fsync_path(root)
 
 
 def _lookup(name: str) -> CachedModel:

@@ -56,8 +56,8 @@ def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    """Persist a rename in ``path`` (a directory); a no-op where directories cannot be opened."""
+def fsync_path(path: Path) -> None:
+    """fsync ``path``, a file or a directory (to persist a rename in it); a no-op where it cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -97,7 +97,7 @@ def save_checkpoint(
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())  # the data reaches the disk before the rename can
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return path
 
 
