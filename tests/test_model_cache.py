@@ -102,7 +102,9 @@ def test_two_processes_asking_at_once_build_once_and_never_see_half_an_entry(cac
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
     assert len(cache.read_text().split()) == 1, "exactly one process built the model"
     assert outputs[0][0] == outputs[1][0] == _reference_hash() + "\n", "both got the built weights"
-    assert sum("waiting" in err for _, err in outputs) == 1, "the other one waited on the lock"
+    # the non-builder waits on the lock; the builder may print it too, when it asked for the exclusive lock
+    # while the other still held its brief shared one (CI saw that once): exactly one build is the property
+    assert sum("waiting" in err for _, err in outputs) >= 1, "the other one waited on the lock"
     assert seen_building > 0 and seen_published > 0, "the poll watched the build and the publication"
 
 
