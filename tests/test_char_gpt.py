@@ -11,9 +11,10 @@ import torch
 
 import benchmarks.workloads.char_gpt as workload
 from harness.measure import Context
-from impl.char_gpt.train import CharData, full_split_loss, recipe, train_char_gpt
+from impl.char_gpt.train import CharData, recipe, train_char_gpt
 from impl.data.tokens import CharTokenizer
 from impl.gpt.model import GPT, GPTConfig, lm_loss
+from impl.train.evaluate import full_split_loss
 from impl.train.loop import TrainConfig, lr_at, make_optimizer
 
 TEXT = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind to suffer\n" * 60

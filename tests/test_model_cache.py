@@ -187,4 +187,19 @@ def test_cli_verify_reports_a_corrupt_entry_and_fails(cache, capsys):
     assert "char" in listing and "absent" in listing and "tiny" in listing and "corrupt" in listing
     with pytest.raises(SystemExit) as exit_info:
         cli(["build", "nope"])
-    assert exit_info.value.code == 2 and "registered: char" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "registered: bpe-base, bpe-small, char" in capsys.readouterr().err
+
+
+def test_an_entry_built_under_another_key_is_stale_and_rebuilt_never_loaded(cache, capsys):
+    key = {"now": "recipe-and-code-1"}
+    model_cache.register("tiny", _tiny_build_in_process(cache), make_model=lambda meta: torch.nn.Linear(*meta["shape"]),
+                         replace=True, key=lambda: key["now"])
+    _, meta = model_cache.get("tiny")
+    assert meta[model_cache.KEY_FIELD] == "recipe-and-code-1" and model_cache.state("tiny") == "cached"
+    key["now"] = "recipe-and-code-2"
+    assert model_cache.state("tiny") == "stale"
+    _, meta = model_cache.get("tiny")
+    assert len(cache.read_text().split()) == 2, "the stale entry was rebuilt"
+    assert meta[model_cache.KEY_FIELD] == "recipe-and-code-2" and model_cache.state("tiny") == "cached"
+    assert "is stale" in capsys.readouterr().err
+    assert model_cache.entries_on_disk() == ["tiny"]

@@ -15,8 +15,9 @@ from collections import Counter
 import torch
 
 from harness.measure import Context, Plot, Result
-from impl.char_gpt.train import CharData, full_split_loss, prepare, recipe, sample, train_char_gpt
+from impl.char_gpt.train import CharData, prepare, recipe, sample, train_char_gpt
 from impl.gpt.model import GPT
+from impl.train.evaluate import full_split_loss
 from impl.train.loop import TrainResult
 
 WORD = re.compile(r"[A-Za-z']+")

@@ -69,26 +69,6 @@ def train_char_gpt(
     return model, result
 
 
-@torch.no_grad()
-def full_split_loss(model: GPT, ids: np.ndarray, batch_size: int = 64) -> float:
-    """Mean next-token loss (nats) over every non-overlapping ``block_size`` window of the split
-    ``ids`` (1-D token ids), on the model's device: the whole split, no sampling noise."""
-    block = model.config.block_size
-    device = next(model.parameters()).device
-    n = (len(ids) - 1) // block
-    x = torch.from_numpy(ids[: n * block].astype(np.int64)).view(n, block)  # (n, block)
-    y = torch.from_numpy(ids[1 : n * block + 1].astype(np.int64)).view(n, block)
-    model.eval()
-    total = 0.0
-    for i in range(0, n, batch_size):
-        logits = model(x[i : i + batch_size].to(device))  # (b, block, vocab)
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), y[i : i + batch_size].reshape(-1).to(device),
-            reduction="sum",
-        ).item()
-    return total / (n * block)
-
-
 def load_trained(out_dir: str | Path, which: str = "best") -> tuple[GPT, CharTokenizer]:
     """The model and tokenizer saved by ``train_char_gpt`` in ``out_dir``."""
     out = Path(out_dir)

@@ -16,8 +16,12 @@ from impl.flash_attention.fast import flash_attention
 from impl.gpt.attention import register_attention
 
 
-def flash_triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def flash_triton_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """The Triton FlashAttention kernels (B, nh, T, hs), imported on first use."""
+    if key_valid is not None:  # the kernels take no padding mask yet: ragged batches run the tiled PyTorch path
+        return flash_attention(q, k, v, causal, key_valid)
     # imported here, not at the top: triton reads TRITON_INTERPRET when the kernels are defined,
     # and a CPU-only user of the "flash" backend should not need triton at all
     from impl.flash_attention.triton import flash_attention_triton

@@ -11,6 +11,13 @@ The backward pass stores no probabilities either: it keeps Q, K, V, O and the ro
 ``lse = m + log(denom)`` and recomputes each tile of P = exp(S - lse) on the fly
 (FlashAttention-2, Alg. 2). Tiles are computed in float32 even for bf16/fp16 inputs, as the
 CUDA kernels do.
+
+Ragged batches pass ``key_valid`` (B, S): every tile is then masked by the rule of
+``impl.gpt.attention.visibility`` (causal, key valid, or the query's own position). A padding
+key can hide a whole tile from a row (left padding: the first tiles), so the running maximum
+starts at the lowest finite value instead of -inf on that path: exp(s - m) of a row that has
+seen nothing yet is then exp(-inf) = 0, never exp(-inf + inf) = NaN. Without ``key_valid``
+nothing changes: key 0 is visible to every query, so the first tile already makes m finite.
 """
 
 from __future__ import annotations
@@ -34,20 +41,36 @@ def key_block_starts(q_start: int, q_end: int, T: int, S: int, causal: bool, blo
 
 
 def tile_visibility(
-    q_start: int, q_end: int, k_start: int, k_end: int, T: int, S: int, causal: bool, device: torch.device
+    q_start: int,
+    q_end: int,
+    k_start: int,
+    k_end: int,
+    T: int,
+    S: int,
+    causal: bool,
+    device: torch.device,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Boolean (q_end - q_start, k_end - k_start) mask of the tile, or None when all of it is visible."""
-    if not causal or k_end - 1 <= S - T + q_start:  # the whole tile lies below the diagonal
-        return None
+    """Boolean mask of the tile, or None when all of it is visible: (q_end - q_start, k_end - k_start)
+    without ``key_valid``, (B, 1, q_end - q_start, k_end - k_start) with it (bool (B, S), False =
+    padding key: hidden unless it is the query's own position, as in ``impl.gpt.attention.visibility``).
+    """
+    if key_valid is None and (not causal or k_end - 1 <= S - T + q_start):
+        return None  # no padding, and the whole tile lies below the diagonal
     rows = torch.arange(q_start, q_end, device=device).unsqueeze(1) + (S - T)
     cols = torch.arange(k_start, k_end, device=device).unsqueeze(0)
-    return cols <= rows
+    if key_valid is None:
+        return cols <= rows
+    allowed = key_valid[:, None, None, k_start:k_end].to(device=device, dtype=torch.bool)  # (B, 1, 1, bk)
+    if causal:
+        allowed = allowed & (cols <= rows)
+    return allowed | (cols == rows)  # a padding query still sees itself: no softmax over nothing
 
 
 def tile_scores(
     q_blk: torch.Tensor, k_blk: torch.Tensor, scale: float, visible: torch.Tensor | None
 ) -> torch.Tensor:
-    """Scaled scores (B, nh, bq, bk) of one tile, -inf where the causal mask hides a key."""
+    """Scaled scores (B, nh, bq, bk) of one tile, -inf where ``visible`` (broadcastable) hides a key."""
     s = (q_blk @ k_blk.transpose(-2, -1)) * scale
     return s if visible is None else s.masked_fill(~visible, float("-inf"))
 
@@ -58,8 +81,10 @@ def online_softmax_step(
     """Fold one tile of scores ``s`` (B, nh, bq, bk) and values (B, nh, bk, hs) into (m, denom, acc).
 
     ``m`` is the running row maximum, ``denom`` the running sum of exp(s - m) (the paper's l).
+    ``m`` must be finite once a row has seen a key tile: it starts at -inf only when key 0 is
+    visible to every query; with padding keys ``flash_forward`` starts it at the lowest finite value.
     """
-    m_new = torch.maximum(m, s.amax(dim=-1))  # (B, nh, bq); finite: key 0 is visible to every query
+    m_new = torch.maximum(m, s.amax(dim=-1))  # (B, nh, bq); finite (see above)
     p = torch.exp(s - m_new.unsqueeze(-1))  # (B, nh, bq, bk)
     alpha = torch.exp(m - m_new)  # shrinks what was summed under the old, smaller maximum
     denom = alpha * denom + p.sum(dim=-1)
@@ -85,23 +110,29 @@ def flash_forward(
     scale: float | None = None,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
+    key_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output (B, nh, T, hs) in q's dtype and float32 row log-sum-exp (B, nh, T), tile by tile."""
+    """Output (B, nh, T, hs) in q's dtype and float32 row log-sum-exp (B, nh, T), tile by tile.
+
+    ``key_valid``: None or bool (B, S), False = padding key (``impl.gpt.attention.visibility``).
+    """
     B, nh, T, hs = q.shape
     S = k.shape[2]
     scale = 1.0 / math.sqrt(hs) if scale is None else scale
     cdt = _compute_dtype(q.dtype)
     o = torch.empty_like(q)
     lse = torch.empty(B, nh, T, dtype=cdt, device=q.device)
+    # with padding a row may see nothing in its first tiles: a finite start keeps exp(s - m) = 0 there
+    m_start = float("-inf") if key_valid is None else torch.finfo(cdt).min
     for q0 in range(0, T, block_q):
         q1 = min(q0 + block_q, T)
         q_blk = q[:, :, q0:q1].to(cdt)  # (B, nh, bq, hs)
-        m = torch.full((B, nh, q1 - q0), float("-inf"), dtype=cdt, device=q.device)
+        m = torch.full((B, nh, q1 - q0), m_start, dtype=cdt, device=q.device)
         denom = torch.zeros_like(m)
         acc = torch.zeros(B, nh, q1 - q0, hs, dtype=cdt, device=q.device)
         for k0 in key_block_starts(q0, q1, T, S, causal, block_k):
             k1 = min(k0 + block_k, S)
-            visible = tile_visibility(q0, q1, k0, k1, T, S, causal, q.device)
+            visible = tile_visibility(q0, q1, k0, k1, T, S, causal, q.device, key_valid)
             s = tile_scores(q_blk, k[:, :, k0:k1].to(cdt), scale, visible)
             m, denom, acc = online_softmax_step(m, denom, acc, s, v[:, :, k0:k1].to(cdt))
         o[:, :, q0:q1] = acc / denom.unsqueeze(-1)
@@ -120,8 +151,10 @@ def flash_backward(
     scale: float | None = None,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
+    key_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) from the saved Q, K, V, O, LSE: P is recomputed one tile at a time."""
+    """(dq, dk, dv) from the saved Q, K, V, O, LSE: P is recomputed one tile at a time, under the
+    same mask as the forward (``key_valid`` included: hidden keys get p = exp(-inf - lse) = 0)."""
     T, hs = q.shape[2], q.shape[3]
     S = k.shape[2]
     scale = 1.0 / math.sqrt(hs) if scale is None else scale
@@ -139,7 +172,7 @@ def flash_backward(
         for k0 in key_block_starts(q0, q1, T, S, causal, block_k):
             k1 = min(k0 + block_k, S)
             k_blk, v_blk = k[:, :, k0:k1].to(cdt), v[:, :, k0:k1].to(cdt)  # (B, nh, bk, hs)
-            visible = tile_visibility(q0, q1, k0, k1, T, S, causal, q.device)
+            visible = tile_visibility(q0, q1, k0, k1, T, S, causal, q.device, key_valid)
             p = torch.exp(tile_scores(q_blk, k_blk, scale, visible) - lse_blk)  # (B, nh, bq, bk)
             dv[:, :, k0:k1] += p.transpose(-2, -1) @ do_blk
             ds = p * (do_blk @ v_blk.transpose(-2, -1) - delta_blk)  # softmax backward, one tile
@@ -158,32 +191,40 @@ class FlashAttentionFunction(torch.autograd.Function):
         k: torch.Tensor,
         v: torch.Tensor,
         causal: bool,
+        key_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        o, lse = flash_forward(q, k, v, causal)
+        o, lse = flash_forward(q, k, v, causal, key_valid=key_valid)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal = causal
+        ctx.causal, ctx.key_valid = causal, key_valid
         return o
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor) -> tuple:
         q, k, v, o, lse = ctx.saved_tensors
-        return (*flash_backward(q, k, v, o, lse, do, ctx.causal), None)
+        return (*flash_backward(q, k, v, o, lse, do, ctx.causal, key_valid=ctx.key_valid), None, None)
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Tiled attention (B, nh, T, hs) with the GPT backend signature; differentiable."""
-    return FlashAttentionFunction.apply(q, k, v, causal)
+    return FlashAttentionFunction.apply(q, k, v, causal, key_valid)
 
 
 def flash_attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward only: output (B, nh, T, hs) and row log-sum-exp (B, nh, T)."""
-    return flash_forward(q, k, v, causal)
+    return flash_forward(q, k, v, causal, key_valid=key_valid)
 
 
 def flash_attention_grads(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dy: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    dy: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) through the tiled forward and its recomputing backward."""
-    return grads_of(flash_attention, q, k, v, causal, dy)
+    return grads_of(flash_attention, q, k, v, causal, dy, key_valid)

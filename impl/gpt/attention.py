@@ -2,11 +2,19 @@
 
 Every backend has one signature::
 
-    attend(q, k, v, causal) -> y
+    attend(q, k, v, causal, key_valid=None) -> y
     q: (B, nh, T, hs)   k, v: (B, nh, S, hs) with S >= T   y: (B, nh, T, hs)
+    key_valid: None, or bool (B, S): False marks a padding key no query may see
 
 The T queries are the *last* T positions of the S keys (decoding with a KV cache), so the
 causal mask is aligned bottom-right: query i may see keys 0 .. S - T + i.
+
+Ragged batches (prompts of different lengths padded to one length, left or right) pass
+``key_valid``. Query i of row b then sees key j when the causal rule allows it and key j is
+valid, **or j is query i's own position**: a padding query (left padding: nothing valid before
+it) would otherwise see no key at all and softmax over nothing is NaN. A valid query's own key
+is valid, so the exception only ever touches padding rows, whose outputs nobody reads.
+``visibility(T, S, key_valid)`` is that rule as one boolean tensor; every backend follows it.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
+AttentionFn = Callable[..., torch.Tensor]  # (q, k, v, causal, key_valid=None) -> y
 
 _BACKENDS: dict[str, AttentionFn] = {}
 
@@ -42,11 +50,28 @@ def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Ten
     return cols <= rows
 
 
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def visibility(T: int, S: int, key_valid: torch.Tensor | None, causal: bool = True,
+               device: torch.device | None = None) -> torch.Tensor | None:
+    """Boolean mask of which keys each query sees: (T, S) without ``key_valid``, (B, 1, T, S) with
+    it; None when every query sees every key (no causal mask, no padding)."""
+    if key_valid is None:
+        return causal_mask(T, S, device) if causal else None
+    device = key_valid.device
+    allowed = key_valid[:, None, None, :].bool()  # (B, 1, 1, S)
+    if causal:
+        allowed = allowed & causal_mask(T, S, device)
+    own = torch.arange(S, device=device).unsqueeze(0) == (torch.arange(T, device=device).unsqueeze(1) + S - T)
+    return allowed | own  # a padding query sees at least itself: no softmax over nothing
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                    key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """The textbook version: one head at a time, explicit mask, explicit softmax."""
     B, nh, T, hs = q.shape
     S = k.shape[2]
-    mask = causal_mask(T, S, q.device) if causal else None
+    mask = visibility(T, S, key_valid, causal, q.device)
+    if mask is not None and mask.dim() == 4:
+        mask = mask[:, 0]  # (B, T, S): one head at a time below
     heads = []
     for h in range(nh):
         scores = q[:, h] @ k[:, h].transpose(-2, -1) / math.sqrt(hs)  # (B, T, S)
@@ -57,9 +82,12 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return torch.stack(heads, dim=1)  # (B, nh, T, hs)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                   key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """torch's fused scaled_dot_product_attention (flash / memory-efficient kernels where available)."""
     T, S = q.shape[2], k.shape[2]
+    if key_valid is not None:  # ragged batch: one boolean mask per row
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visibility(T, S, key_valid, causal))
     if not causal or T == 1:
         # one new query token may see every cached key: no mask needed
         return F.scaled_dot_product_attention(q, k, v)

@@ -14,7 +14,7 @@ from impl.gpt.model import GPT
 from impl.kv_cache import fast
 
 
-class ConcatKVCache:
+class ConcatKVCache(fast.ContiguousAttend):
     """Per-layer K/V tensors (B, nh, S, hs) that ``update`` replaces by their concatenation with
     the new tokens' keys and values."""
 
@@ -41,6 +41,14 @@ class ConcatKVCache:
 
     def advance(self, n_tokens: int) -> None:
         self.position += n_tokens
+
+    def truncate(self, position: int) -> None:
+        """Forget every token from ``position`` on (rollback): the tensors shrink to it."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot truncate a cache of {self.position} tokens to {position}")
+        self.k = [t[:, :, :position] if t is not None else None for t in self.k]
+        self.v = [t[:, :, :position] if t is not None else None for t in self.v]
+        self.position = position
 
     @property
     def nbytes(self) -> int:

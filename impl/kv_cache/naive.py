@@ -41,3 +41,10 @@ def generate(
 def greedy(config: dict, state: dict[str, torch.Tensor], prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Greedy continuation of ``prompt`` (B, T) by the GPT ``config`` with weights ``state``."""
     return generate(GPT.from_state(config, state), prompt, max_new_tokens)
+
+
+def ragged_greedy(config: dict, state: dict[str, torch.Tensor], prompts: list[torch.Tensor],
+                  max_new_tokens: int) -> torch.Tensor:
+    """Greedy new tokens (B, max_new_tokens) of prompts of different lengths, each generated alone."""
+    model = GPT.from_state(config, state)
+    return torch.cat([generate(model, p.reshape(1, -1), max_new_tokens)[:, -max_new_tokens:] for p in prompts])

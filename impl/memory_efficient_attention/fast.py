@@ -14,6 +14,10 @@ that nothing overflows). The pieces are independent:
 - ``split_k_attention`` computes all key chunks at once, as one batched operation, then combines
   them: for decoding (T == 1) over a long KV cache this is the parallelism Flash-Decoding adds
   on a GPU, where one query per head would otherwise leave most of the chip idle.
+
+Ragged batches pass ``key_valid`` (B, S), False = padding key, hidden by the rule of
+``impl.gpt.attention.visibility`` (a query still sees its own position). A piece may then hold
+no visible key for a row: its partial is (o = 0, lse = -inf) and weighs nothing in the merge.
 """
 
 from __future__ import annotations
@@ -72,8 +76,10 @@ def chunked_attention_with_lse(
     causal: bool,
     num_splits: int = 1,
     query_chunk: int = 256,
+    key_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output (B, nh, T, hs) and LSE (B, nh, T): queries in chunks, keys in ``num_splits`` pieces."""
+    """Output (B, nh, T, hs) and LSE (B, nh, T): queries in chunks, keys in ``num_splits`` pieces;
+    ``key_valid``: None or bool (B, S) padding mask."""
     B, nh, T, hs = q.shape
     S = k.shape[2]
     scale = 1.0 / math.sqrt(hs)
@@ -87,7 +93,7 @@ def chunked_attention_with_lse(
         lse_run = torch.full((B, nh, q1 - q0), float("-inf"), dtype=cdt, device=q.device)
         for k0, k1 in split_bounds(S, num_splits):
             s = (q_blk @ k[:, :, k0:k1].to(cdt).transpose(-2, -1)) * scale  # (B, nh, tq, tk)
-            visible = tile_visibility(q0, q1, k0, k1, T, S, causal, q.device)
+            visible = tile_visibility(q0, q1, k0, k1, T, S, causal, q.device, key_valid)
             if visible is not None:
                 s = s.masked_fill(~visible, float("-inf"))
             o_i, lse_i = softmax_partial(s, v[:, :, k0:k1].to(cdt))
@@ -104,18 +110,26 @@ def chunked_attention(
     causal: bool,
     num_splits: int = 1,
     query_chunk: int = 256,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Chunked attention (B, nh, T, hs): O(query_chunk * S / num_splits) memory for the scores."""
-    return chunked_attention_with_lse(q, k, v, causal, num_splits, query_chunk)[0]
+    """Chunked attention (B, nh, T, hs): O(query_chunk * S / num_splits) memory for the scores;
+    ``key_valid``: None or bool (B, S) padding mask."""
+    return chunked_attention_with_lse(q, k, v, causal, num_splits, query_chunk, key_valid)[0]
 
 
 def split_k_partials(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, num_splits: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    num_splits: int,
+    key_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every key piece at once: o_parts (n, B, nh, T, hs) and lse_parts (n, B, nh, T), n <= num_splits + 1.
 
     The first ``n_even * chunk`` keys are a view reshaped to (n_even, chunk) pieces (no copy of
-    the cache); the < n_even keys left over, if any, form one last piece.
+    the cache); the < n_even keys left over, if any, form one last piece. ``key_valid``: None or
+    bool (B, S) padding mask.
     """
     if num_splits < 1:
         raise ValueError(f"num_splits must be at least 1, got {num_splits}")
@@ -130,7 +144,14 @@ def split_k_partials(
     k_parts = k[:, :, :even].unflatten(2, (n_even, chunk)).to(cdt)  # (B, nh, n, chunk, hs)
     v_parts = v[:, :, :even].unflatten(2, (n_even, chunk)).to(cdt)
     s = (q_c @ k_parts.transpose(-2, -1)) * scale  # (B, nh, n, T, chunk)
-    if causal and T > 1:  # a single query (decoding) sees the whole cache
+    if key_valid is not None:  # ragged batch: causal (if asked) and valid, or the query's own position
+        keys = torch.arange(even, device=q.device).view(n_even, 1, chunk)
+        rows = torch.arange(T, device=q.device).view(1, T, 1) + (S - T)
+        visible = key_valid[:, :even].to(device=q.device, dtype=torch.bool).view(-1, 1, n_even, 1, chunk)
+        if causal:
+            visible = visible & (keys <= rows)
+        s = s.masked_fill(~(visible | (keys == rows)), float("-inf"))  # (B, 1, n, T, chunk) mask
+    elif causal and T > 1:  # a single query (decoding) sees the whole cache
         keys = torch.arange(even, device=q.device).view(n_even, 1, chunk)
         rows = torch.arange(T, device=q.device).view(1, T, 1) + (S - T)
         s = s.masked_fill(keys > rows, float("-inf"))
@@ -138,7 +159,7 @@ def split_k_partials(
     o_parts, lse_parts = o_parts.movedim(2, 0), lse_parts.movedim(2, 0)
     if even < S:
         s = (q.to(cdt) @ k[:, :, even:].to(cdt).transpose(-2, -1)) * scale  # (B, nh, T, S - even)
-        visible = tile_visibility(0, T, even, S, T, S, causal, q.device)
+        visible = tile_visibility(0, T, even, S, T, S, causal, q.device, key_valid)
         if visible is not None:
             s = s.masked_fill(~visible, float("-inf"))
         o_tail, lse_tail = softmax_partial(s, v[:, :, even:].to(cdt))
@@ -148,7 +169,13 @@ def split_k_partials(
 
 
 def split_k_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, num_splits: int = 8
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    num_splits: int = 8,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Split-K attention (B, nh, T, hs): independent partials over key pieces, then an exact combine."""
-    return combine_partials(*split_k_partials(q, k, v, causal, num_splits))[0].to(q.dtype)
+    """Split-K attention (B, nh, T, hs): independent partials over key pieces, then an exact combine;
+    ``key_valid``: None or bool (B, S) padding mask."""
+    return combine_partials(*split_k_partials(q, k, v, causal, num_splits, key_valid))[0].to(q.dtype)

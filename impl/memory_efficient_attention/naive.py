@@ -17,7 +17,13 @@ __all__ = ["attention", "attention_with_lse"]
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, num_splits: int = 1
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    num_splits: int = 1,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs)) v (B, nh, T, hs) from the full score matrix; ``num_splits`` is ignored."""
-    return naive_attention(q, k, v, causal)
+    """softmax(q k^T / sqrt(hs)) v (B, nh, T, hs) from the full score matrix; ``num_splits`` is ignored,
+    ``key_valid`` (None or bool (B, S)) hides padding keys."""
+    return naive_attention(q, k, v, causal, key_valid)

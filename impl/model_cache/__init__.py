@@ -10,6 +10,7 @@ the cached ``(model, metadata)``, building it first when it is absent. Layout un
     <name>.lock                  flock: shared while reading an entry, exclusive while building one
     .<name>.build-<pid>/         a build in progress (removed by the next build if its builder died)
     <name>.corrupt-<timestamp>/  an entry that failed its check, kept for inspection
+    <name>.stale-<timestamp>/    a stale entry (another cache key) while its replacement builds
 
 Why it cannot lose or half-show a model:
 - a build writes into ``.<name>.build-<pid>`` and publishes it with one ``os.rename``: the entry is
@@ -18,7 +19,10 @@ Why it cannot lose or half-show a model:
   the lock (saying so in one line) and then loads what was published; the kernel drops the lock of a
   builder that dies, so a killed build never blocks the next one;
 - every load checks the manifest's sha256 of each file first; an entry that fails (edited, truncated,
-  a file missing) gets one line, is moved aside and rebuilt: it is never loaded.
+  a file missing) gets one line, is moved aside and rebuilt: it is never loaded;
+- a model registered with a ``key`` (a hash of its recipe and of the code that trains it, see
+  ``impl.zoo``) stores that key in its metadata (``cache_key``); an entry whose key differs from the
+  current one is stale: ``state`` says so, and ``get`` moves it aside and rebuilds it, never loads it.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ from impl.gpt.model import GPT, GPTConfig
 from impl.train.checkpoint import CheckpointCorrupt, fsync_path, load_checkpoint, read_meta, save_checkpoint
 
 MODEL_FILE = "model.safetensors"
+KEY_FIELD = "cache_key"
 MANIFEST_FILE = "manifest.json"
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
@@ -53,6 +58,10 @@ Builder = Callable[[], tuple[torch.nn.Module, dict[str, Any]]]
 
 class CacheEntryCorrupt(ValueError):
     """A cache entry failed its check (a file missing, or not matching its manifest's sha256)."""
+
+
+class CacheEntryStale(ValueError):
+    """A cache entry was built from another recipe or other code: its ``cache_key`` is not the current key."""
 
 
 def gpt_from_metadata(metadata: dict[str, Any]) -> torch.nn.Module:
@@ -68,20 +77,23 @@ class CachedModel:
     build: Builder
     make_model: Callable[[dict[str, Any]], torch.nn.Module]
     description: str
+    key: Callable[[], str] | None = None  # the current cache key (recipe + code); None: never stale
 
 
 _REGISTRY: dict[str, CachedModel] = {}
 
 
 def register(name: str, build: Builder, make_model: Callable[[dict[str, Any]], torch.nn.Module] = gpt_from_metadata,
-             description: str = "", replace: bool = False) -> CachedModel:
+             description: str = "", replace: bool = False, key: Callable[[], str] | None = None) -> CachedModel:
     """Register ``build`` under ``name`` (lower-case letters, digits, ``.``, ``_``, ``-``); returns the entry.
-    ``build()`` returns ``(model, metadata)`` with JSON-serialisable metadata that ``make_model`` understands."""
+    ``build()`` returns ``(model, metadata)`` with JSON-serialisable metadata that ``make_model`` understands.
+    ``key()``, when given, returns the current cache key: it is stored in the metadata as ``cache_key``
+    at build time, and an entry whose stored key differs is stale (rebuilt by ``get``, never loaded)."""
     if not NAME.fullmatch(name):
         raise ValueError(f"model cache: name {name!r} must match {NAME.pattern} (it becomes a directory name)")
     if name in _REGISTRY and not replace:
         raise ValueError(f"model cache: {name!r} is already registered (pass replace=True to override it)")
-    _REGISTRY[name] = CachedModel(name, build, make_model, description)
+    _REGISTRY[name] = CachedModel(name, build, make_model, description, key)
     return _REGISTRY[name]
 
 
@@ -131,10 +143,19 @@ def verify(name: str) -> Path:
     return entry
 
 
-def _load(spec: CachedModel) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _check_key(spec: CachedModel, metadata: dict[str, Any], current: str | None) -> None:
+    """Raise CacheEntryStale when the entry's stored key is not ``current`` (no check without a key)."""
+    if current is not None and metadata.get(KEY_FIELD) != current:
+        stored = str(metadata.get(KEY_FIELD) or "none")[:12]
+        raise CacheEntryStale(f"model cache entry {entry_dir(spec.name)} is stale: built with key {stored}..., "
+                              f"the current recipe and code give {current[:12]}...")
+
+
+def _load(spec: CachedModel, current_key: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     entry = verify(spec.name)
     path = entry / MODEL_FILE
     metadata = read_meta(path)  # first the metadata: it says which model to make
+    _check_key(spec, metadata, current_key)
     model = spec.make_model(metadata)
     load_checkpoint(path, model)  # checks the file's own hash too
     return model.eval(), metadata
@@ -164,7 +185,10 @@ def _build(spec: CachedModel) -> None:
     work = root / f".{spec.name}.build-{os.getpid()}"
     work.mkdir()
     t0 = time.perf_counter()
+    key = spec.key() if spec.key is not None else None  # the code and recipe as they are when the build starts
     model, metadata = spec.build()
+    if key is not None:
+        metadata = {**metadata, KEY_FIELD: key}
     save_checkpoint(work / MODEL_FILE, model, meta=metadata)  # fsynced
     manifest = {
         "name": spec.name,
@@ -181,6 +205,8 @@ def _build(spec: CachedModel) -> None:
 
 def _lookup(name: str) -> CachedModel:
     if name not in _REGISTRY:
+        import impl.zoo  # noqa: F401  (registers the zoo's named models: char, bpe-small, bpe-base)
+    if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY)) or "none"
         raise KeyError(f"model cache: no model named {name!r} is registered (registered: {known})")
     return _REGISTRY[name]
@@ -189,60 +215,58 @@ def _lookup(name: str) -> CachedModel:
 def get(name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The cached model ``name`` (in eval mode) and its metadata, built first if absent or corrupt.
 
-    Safe to call from many processes at once: exactly one builds, the others wait and load it."""
+    Safe to call from many processes at once: exactly one builds, the others wait and load it.
+    A stale entry (its ``cache_key`` is not the current key) is moved aside and rebuilt."""
     spec = _lookup(name)
+    current = spec.key() if spec.key is not None else None
     with _locked(name, fcntl.LOCK_SH):  # readers share; a builder or repairer excludes them
         if entry_dir(name).is_dir():
             try:
-                return _load(spec)
-            except (CacheEntryCorrupt, CheckpointCorrupt, FileNotFoundError):
+                return _load(spec, current)
+            except (CacheEntryCorrupt, CacheEntryStale, CheckpointCorrupt, FileNotFoundError):
                 pass  # repaired below, under the exclusive lock
     with _locked(name, fcntl.LOCK_EX):
         entry = entry_dir(name)
+        stale = None
         if entry.is_dir():  # another process may have built or repaired it while we waited
             try:
-                return _load(spec)
+                return _load(spec, current)
             except (CacheEntryCorrupt, CheckpointCorrupt) as e:
                 aside = entry.with_name(f"{name}.corrupt-{datetime.now():%Y%m%dT%H%M%S.%f}")
                 os.rename(entry, aside)
                 print(f"{e}; moved it to {aside.name} and rebuilding {name!r}", file=sys.stderr)
+            except CacheEntryStale as e:
+                stale = entry.with_name(f"{name}.stale-{datetime.now():%Y%m%dT%H%M%S.%f}")
+                os.rename(entry, stale)
+                print(f"{e}; rebuilding {name!r}", file=sys.stderr)
         _build(spec)
-        return _load(spec)
+        if stale is not None:  # the new entry is published: the old one has nothing left to give
+            shutil.rmtree(stale, ignore_errors=True)
+        return _load(spec, current)
+
+
+def metadata(name: str) -> dict[str, Any]:
+    """The metadata of the entry ``name`` after checking its files against the manifest (no lock, no
+    build, no tensors read). Raises FileNotFoundError when absent, CacheEntryCorrupt / CheckpointCorrupt."""
+    return read_meta(verify(name) / MODEL_FILE)
 
 
 def state(name: str) -> str:
-    """``"cached"``, ``"absent"`` or ``"corrupt: <reason>"`` for the entry ``name`` (no lock, no build)."""
+    """``"cached"``, ``"absent"``, ``"stale"`` (built from another recipe or code; registered models
+    with a key only) or ``"corrupt: <reason>"`` for the entry ``name`` (no lock, no build)."""
     try:
-        verify(name)
+        meta = metadata(name)
     except FileNotFoundError:
         return "absent"
-    except CacheEntryCorrupt as e:
+    except (CacheEntryCorrupt, CheckpointCorrupt) as e:
         return f"corrupt: {str(e).split(': ', 1)[-1]}"
+    spec = _REGISTRY.get(name)
+    if spec is not None and spec.key is not None and meta.get(KEY_FIELD) != spec.key():
+        return "stale"
     return "cached"
 
 
 def entries_on_disk() -> list[str]:
     """Names of the published entries in the cache (registered or not), sorted."""
     return sorted(p.name for p in models_dir().iterdir()
-                  if p.is_dir() and NAME.fullmatch(p.name) and ".corrupt-" not in p.name)
-
-
-def _build_char() -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Project 1's model: nanoGPT's shakespeare_char CPU recipe (impl.char_gpt.train.recipe) on tinyshakespeare."""
-    from impl.char_gpt.train import prepare, recipe, train_char_gpt
-
-    data = prepare("tinyshakespeare")
-    model_cfg, train_cfg = recipe(data.tokenizer.vocab_size)
-    model, result = train_char_gpt(data, model_cfg, train_cfg, progress=False)
-    return model, {
-        "model_config": model_cfg.to_dict(),
-        "train_config": asdict(train_cfg),
-        "tokenizer": {"kind": "char", "chars": data.tokenizer.chars},
-        "corpus": "tinyshakespeare",
-        "final_val_loss": result.final_val_loss,
-        "train_wall_s": round(result.wall_s, 1),
-    }
-
-
-register("char", _build_char, description="P1 character GPT: nanoGPT's shakespeare_char CPU recipe "
-                                                 "(~1.5 min on 2 idle cores)")
+                  if p.is_dir() and NAME.fullmatch(p.name) and ".corrupt-" not in p.name and ".stale-" not in p.name)

@@ -21,7 +21,7 @@ from impl.sparse_attention.patterns import num_blocks, window_layout
 
 
 def sparse_window_attention(block_size: int = 16, window: int = 2, n_global: int = 1) -> AttentionFn:
-    """A GPT attention backend (q, k, v, causal) -> y: Longformer-style sliding window of
+    """A GPT attention backend (q, k, v, causal, key_valid=None) -> y: Longformer-style sliding window of
     ``window`` blocks on each side (only earlier ones when causal) plus ``n_global`` global
     blocks, blocks of ``block_size`` tokens.
 
@@ -29,12 +29,14 @@ def sparse_window_attention(block_size: int = 16, window: int = 2, n_global: int
     rows of the same pattern through the dense masked path, so prefill and decoding agree.
     """
 
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    def attend(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         S = k.shape[2]
         layout = window_layout(num_blocks(S, block_size), window, n_global, causal).to(q.device)
         if q.shape[2] == S:
-            return fast.sparse_attention(q, k, v, layout, block_size, causal)
-        return naive.sparse_attention(q, k, v, layout, block_size, causal)
+            return fast.sparse_attention(q, k, v, layout, block_size, causal, key_valid=key_valid)
+        return naive.sparse_attention(q, k, v, layout, block_size, causal, key_valid=key_valid)
 
     return attend
 

@@ -48,9 +48,11 @@ def _attend_rows(
     seq_len: int,
     causal: bool,
     block_bias: torch.Tensor | None,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention output (B, nh, r, b, hs) for the query blocks ``rows`` (r,), each against its
-    kept key blocks only, padded to ``width`` blocks. qb, kb, vb: (B, nh, n, b, hs)."""
+    kept key blocks only, padded to ``width`` blocks. qb, kb, vb: (B, nh, n, b, hs);
+    ``key_valid``: None or bool (B, n * b), False = padding key (hidden unless it is the query's own)."""
     B, nh, n, b, hs = qb.shape
     r = len(rows)
     row_layout = layout.index_select(2, rows)  # (LB, Lh, r, n), LB in {1, B}, Lh in {1, nh}
@@ -75,14 +77,23 @@ def _attend_rows(
 
     # token-level mask of what to drop: padding slots, keys past the end, the causal future
     drop = ~valid.repeat_interleave(b, dim=-1)  # (LB, Lh, r, width * b)
-    if causal or seq_len % b:
+    if causal or seq_len % b or key_valid is not None:
         key_pos = (idx.unsqueeze(-1) * b + torch.arange(b, device=qb.device)).flatten(-2)  # like drop
         if seq_len % b:
             drop |= key_pos >= seq_len
-    drop = drop.unsqueeze(-2)  # (LB, Lh, r, 1, width * b)
-    if causal:
+    if key_valid is not None:  # padding keys, read at each slot's key position: (B, Lh, r, width * b)
+        Lh = key_pos.shape[1]
+        slot_valid = key_valid.view(B, 1, 1, -1).expand(B, Lh, r, -1).gather(-1, key_pos.expand(B, Lh, r, -1))
+        drop = drop | ~slot_valid
+    drop = drop.unsqueeze(-2)  # (LB or B, Lh, r, 1, width * b)
+    if causal or key_valid is not None:
         query_pos = rows.view(r, 1) * b + torch.arange(b, device=qb.device)  # (r, b)
+    if causal:
         drop = drop | (key_pos.unsqueeze(-2) > query_pos.unsqueeze(-1))  # (LB, Lh, r, b, width * b)
+    if key_valid is not None:
+        # a query always sees its own position (in its diagonal block, a kept slot): no empty rows,
+        # not even for the zero-padded queries past seq_len, whose NaN would leak into v's gradient
+        drop = drop & (key_pos.unsqueeze(-2) != query_pos.unsqueeze(-1))
     weights = torch.softmax(scores.masked_fill_(drop, float("-inf")), dim=-1)  # in place: one slab less
     return weights @ v_kept  # (B, nh, r, b, hs)
 
@@ -95,10 +106,12 @@ def sparse_attention(
     block_size: int,
     causal: bool,
     block_bias: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same result as ``naive.sparse_attention`` for self-attention (T == S), computing only the
     kept blocks. q, k, v: (B, nh, T, hs); ``layout`` bool (n, n) or (B, nh, n, n), with
-    n = ceil(T / block_size); ``block_bias`` broadcastable to (B, nh, n, n). Returns (B, nh, T, hs).
+    n = ceil(T / block_size); ``block_bias`` broadcastable to (B, nh, n, n); ``key_valid`` None or
+    bool (B, T), False = padding key. Returns (B, nh, T, hs).
     """
     B, nh, T, hs = q.shape
     if k.shape[2] != T:
@@ -114,6 +127,8 @@ def sparse_attention(
     pad = n * b - T
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    if key_valid is not None:
+        key_valid = F.pad(key_valid.to(device=q.device, dtype=torch.bool), (0, pad))  # (B, n * b)
     qb, kb, vb = (t.reshape(B, nh, n, b, hs) for t in (q, k, v))  # (B, nh, n, b, hs)
     layout = layout.reshape((1,) * (4 - layout.dim()) + tuple(layout.shape))  # (LB, Lh, n, n)
     # (n,) kept key blocks per query-block row, worst head; a slice of rows at a time, because
@@ -126,5 +141,6 @@ def sparse_attention(
         # (cache-sized), so the working set no longer grows with T: only y does
         chunk = max(1, SLAB_ELEMENTS // (B * nh * b * width * b))
         for rows in bucket.split(chunk):
-            y.index_copy_(2, rows, _attend_rows(qb, kb, vb, layout, rows, width, T, causal, block_bias))
+            y_rows = _attend_rows(qb, kb, vb, layout, rows, width, T, causal, block_bias, key_valid)
+            y.index_copy_(2, rows, y_rows)
     return y.reshape(B, nh, n * b, hs)[:, :, :T]

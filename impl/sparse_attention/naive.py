@@ -22,6 +22,7 @@ def sparse_attention(
     block_size: int,
     causal: bool,
     block_bias: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(hs) + bias, masked by the pattern) v, as a dense masked product.
 
@@ -29,13 +30,19 @@ def sparse_attention(
     ``layout`` is bool (n, n) or (B, nh, n, n) with n = ceil(S / block_size). When T < S the
     queries are the last T positions (decoding after a KV cache), as in impl.gpt.attention.
     ``block_bias`` (broadcastable to (B, nh, n, n)) is added to every score of a block pair; the
-    learned pattern uses it to pass gradient to its router. Returns y: (B, nh, T, hs).
+    learned pattern uses it to pass gradient to its router. ``key_valid`` (None or bool (B, S),
+    False = padding key) hides padding keys as ``impl.gpt.attention.visibility`` does: a query
+    still sees its own position, which the pattern always keeps (diagonal block, and causal
+    allows it). Returns y: (B, nh, T, hs).
     """
     T, S, hs = q.shape[2], k.shape[2], q.shape[3]
     if T > S:
         raise ValueError(f"sparse attention needs T <= S queries, got T={T} and S={S}")
     check_layout(layout, num_blocks(S, block_size))
     mask = expand_layout(layout.to(q.device), block_size, S, causal)[..., S - T :, :]  # (..., T, S)
+    if key_valid is not None:
+        own = torch.arange(S, device=q.device) == torch.arange(S - T, S, device=q.device).unsqueeze(1)  # (T, S)
+        mask = mask & (key_valid.to(device=q.device, dtype=torch.bool)[:, None, None, :] | own)  # (B, ., T, S)
     scores = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, nh, T, S)
     if block_bias is not None:
         bias = block_bias.repeat_interleave(block_size, dim=-2).repeat_interleave(block_size, dim=-1)

@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from impl.gpt.model import load_strict
+
 HASH_KEY = "sha256"
 
 
@@ -159,13 +161,10 @@ def load_checkpoint(
         elif kind == "rng":
             rng[rest] = tensor
     if model is not None:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        tied = {n for n in missing if n.endswith("lm_head.weight")}
-        if set(missing) - tied or unexpected:
-            raise ValueError(
-                f"checkpoint {path} does not fit the model: missing {sorted(set(missing) - tied)}, "
-                f"unexpected {sorted(unexpected)}"
-            )
+        try:
+            load_strict(model, weights)
+        except ValueError as e:
+            raise ValueError(f"checkpoint {path} does not fit the model: {e}") from None
     if optimizer is not None:
         groups = json.loads(metadata.get("optim", "{}")).get("param_groups")
         if groups is None:

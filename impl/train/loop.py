@@ -139,13 +139,16 @@ def train_step(
 ) -> torch.Tensor:
     """One optimizer step over the micro-batches ``batches`` (inputs, targets), each (B, T), their
     gradients accumulated, under ``dtype``'s autocast (fp16 needs ``scaler``); returns the mean
-    loss as a detached scalar tensor (no device sync)."""
+    loss as a detached scalar tensor (no device sync). The loss is the language-model loss plus
+    ``model.aux_loss()`` when a layer sets one (``impl.gpt.model``'s FFN seam)."""
     if dtype == "fp16" and scaler is None:
         raise ValueError("dtype fp16 needs a loss scaler (pass scaler=...): fp16 gradients underflow")
     step_loss = torch.zeros((), device=batches[0][0].device)
     for x, y in batches:
         with autocast(dtype, x.device.type):
-            loss = lm_loss(model(x), y) / len(batches)  # lm_loss computes in fp32
+            loss = lm_loss(model(x), y)  # lm_loss computes in fp32
+            aux = model.aux_loss() if hasattr(model, "aux_loss") else None  # e.g. an MoE's load balancing
+            loss = (loss if aux is None else loss + aux) / len(batches)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += loss.detach().float()
     if scaler is not None:

@@ -51,3 +51,44 @@ def logit_strategy() -> st.SearchStrategy[dict[str, Any]]:
         vocab_size=st.integers(2, 80),
         bias=st.booleans(),
     )
+
+
+def padding_mask(lengths: list[int], length: int, side: str) -> torch.Tensor:
+    """attention_mask (B, length), 1 at each row's ``lengths[b]`` real tokens, 0 at its padding, the
+    padding on the ``side`` ("left" or "right") of the row."""
+    mask = torch.zeros(len(lengths), length, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if side == "left":
+            mask[row, length - n:] = 1
+        else:
+            mask[row, :n] = 1
+    return mask
+
+
+def ragged_case(seed: int, lengths: list[int], side: str, n_layer: int, n_head: int, head_dim: int,
+                vocab_size: int = 65, bias: bool = True, extra_padding: int = 0,
+                dtype: torch.dtype = torch.float32, id: str | None = None) -> dict[str, Any]:
+    """A padded batch for a random GPT: rows of ``lengths`` real tokens padded on ``side`` to the
+    longest plus ``extra_padding``. Padding slots hold random ids too, so reading them shows."""
+    length = max(lengths) + extra_padding
+    config, state = random_gpt(seed, n_layer, n_head, head_dim, vocab_size, max(length, 8), bias)
+    idx = torch.randint(vocab_size, (len(lengths), length), generator=torch.Generator().manual_seed(seed))
+    case = {"config": config, "state": state, "idx": idx, "attention_mask": padding_mask(lengths, length, side),
+            "dtype": dtype}
+    return case | ({"id": id} if id else {})
+
+
+def ragged_strategy() -> st.SearchStrategy[dict[str, Any]]:
+    """Padded batches of 1-4 rows of 1-24 real tokens, padded left or right."""
+    return st.builds(
+        ragged_case,
+        seed=st.integers(0, 2**16),
+        lengths=st.lists(st.integers(1, 24), min_size=1, max_size=4),
+        side=st.sampled_from(["left", "right"]),
+        n_layer=st.integers(1, 3),
+        n_head=st.integers(1, 4),
+        head_dim=st.sampled_from([2, 4, 8, 16]),
+        vocab_size=st.integers(2, 80),
+        bias=st.booleans(),
+        extra_padding=st.integers(0, 3),
+    )

@@ -3,7 +3,8 @@
 import torch
 
 from impl.gpt.model import GPT
-from impl.kv_cache import concat, fast
+from impl.gpt.sampling import next_token_probs
+from impl.kv_cache import blocked, concat, fast
 
 
 class _OffByOneCache(fast.KVCache):
@@ -53,3 +54,77 @@ class _ConcatNotStored(concat.ConcatKVCache):
 def concat_result_not_stored(config, state, prompt, max_new_tokens):
     return fast.generate(GPT.from_state(config, state), prompt, max_new_tokens,
                          make_cache=_ConcatNotStored.for_model)
+
+
+def _ragged_with(model_cls, config, state, prompts, max_new_tokens, pass_mask=True):
+    idx, mask = fast.pad_prompts(prompts)
+    model = model_cls.from_state(config, state)
+    out = fast.decode(model, idx, max_new_tokens, attention_mask=mask if pass_mask else None)
+    return out.new_tokens
+
+
+def mask_sees_padding(config, state, prompts, max_new_tokens):
+    """The batch is padded but no mask goes with it: every row attends to its padding tokens
+    (and counts them as positions)."""
+    return _ragged_with(GPT, config, state, prompts, max_new_tokens, pass_mask=False)
+
+
+class _LostOffsetGPT(GPT):
+    def positions(self, idx, start=0, attention_mask=None):
+        pos = super().positions(idx, start, attention_mask)
+        if attention_mask is not None and pos.dim() == 2:
+            pos = pos.clone()
+            pos[0] = torch.arange(start, start + idx.shape[1], device=idx.device)  # row 0: slots, not tokens
+        return pos
+
+
+def position_offset_lost_on_one_row(config, state, prompts, max_new_tokens):
+    """Row 0's positions count slots (padding included) instead of its real tokens."""
+    return _ragged_with(_LostOffsetGPT, config, state, prompts, max_new_tokens)
+
+
+class _StaleRollbackCache(concat.ConcatKVCache):
+    def truncate(self, position):
+        self.position = position  # the position moves back, the drafted keys/values stay in the tensors
+
+
+def rollback_keeps_stale_entry(config, state, prompt, max_new_tokens):
+    return fast.greedy_with_rejected_drafts(config, state, prompt, max_new_tokens,
+                                            make_cache=_StaleRollbackCache.for_model)
+
+
+def _step_without_rescale(m, denom, acc, s, v_blk):
+    """Online softmax that forgets to rescale what it summed when a later block raises the maximum."""
+    m_new = torch.maximum(m, s.amax(dim=-1))
+    p = torch.exp(s - m_new.unsqueeze(-1))
+    return m_new, denom + p.sum(dim=-1), acc + p @ v_blk  # bug: no exp(m - m_new) on what came before
+
+
+def blocked_without_rescale(config, state, prompt, max_new_tokens):
+    original = blocked.online_softmax_step
+    blocked.online_softmax_step = _step_without_rescale
+    try:
+        return blocked.greedy(config, state, prompt, max_new_tokens)
+    finally:
+        blocked.online_softmax_step = original
+
+
+def top_p_drops_crossing_token(logits, temperature, top_k, top_p):
+    """Nucleus that stops BEFORE the token whose mass crosses p (keeps mass < p, not >= p)."""
+    if top_p is None or top_p >= 1.0:
+        return next_token_probs(logits, temperature, top_k, top_p)
+    scaled = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(scaled, min(top_k, scaled.size(-1))).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    drop_sorted = sorted_probs.cumsum(dim=-1) >= top_p
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return torch.softmax(scaled.masked_fill(drop, float("-inf")), dim=-1)
+
+
+def top_k_off_by_one(logits, temperature, top_k, top_p):
+    """Keeps k + 1 tokens."""
+    return next_token_probs(logits, temperature, None if top_k is None else top_k + 1, top_p)

@@ -16,13 +16,13 @@ _load_checkpoint = impl.train.loop.load_checkpoint
 
 # --- gradient checkpointing ------------------------------------------------------------------
 
-def _detached_checkpoint(block, x, **kwargs):
-    return checkpoint(block, x.detach(), **kwargs)  # cuts the graph: earlier blocks get no gradient
+def _detached_checkpoint(block, x, *args, **kwargs):
+    return checkpoint(block, x.detach(), *args, **kwargs)  # cuts the graph: earlier blocks get no gradient
 
 
-def _no_grad_checkpoint(block, x, **kwargs):
+def _no_grad_checkpoint(block, x, *args, **kwargs):
     with torch.no_grad():  # "save memory" by not recording the block at all
-        return block(x)
+        return block(x, *args)
 
 
 def checkpoint_detaches_block_input(config, state, idx, targets):
