@@ -3,7 +3,7 @@
 Why these shapes (measured on the shared 2-core machine; impl/zoo/README.md has the figures):
 - ``char``: project 1's recipe (nanoGPT's shakespeare_char CPU recipe) on tiny-Shakespeare.
 - ``bpe-small``: 2,048-id BPE, 4 layers x 128, block 128, 600 iterations: the quick bench's model.
-- ``bpe-base``: 4,096-id BPE, 6 layers x 256, block 256, bf16 autocast, 1,600 iterations: ~20
+- ``bpe-base``: 4,096-id BPE, 6 layers x 256, block 256, bf16 autocast, 1,600 iterations: ~15
   minutes on 2 idle cores. 4,096 ids: 3.42 bytes per token on the held-out text against 3.00 for
   2,048 and 3.76 for 8,192, whose embedding and softmax cost twice as much for 10% fewer tokens;
   6 x 256 rather than 6 x 384: ~40% more tokens per second, and at ~6M tokens of compute the
@@ -37,7 +37,7 @@ def _bpe_small_recipe() -> Recipe:
     model = GPTConfig(vocab_size=vocab, block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
     cfg = TrainConfig(max_iters=600, lr_decay_iters=600, batch_size=16, block_size=128, learning_rate=3e-3,
                       min_lr=3e-4, warmup_iters=30, beta2=0.95, eval_interval=100, eval_iters=10, dtype="bf16")
-    return Recipe("bpe-small", "2,048-id BPE GPT, 4 x 128, block 128: 4-13 min here under load (CI's quick bench)",
+    return Recipe("bpe-small", "2,048-id BPE GPT, 4 x 128, block 128: ~1 min on 2 idle cores (CI's quick bench)",
                   "shakespeare", {"kind": "bpe", "vocab_size": vocab, "pattern": "gpt4",
                                   "special_tokens": list(SPECIAL_TOKENS)}, model, cfg)
 
@@ -48,7 +48,7 @@ def _bpe_base_recipe() -> Recipe:
     cfg = TrainConfig(max_iters=1600, lr_decay_iters=1600, batch_size=16, block_size=256, learning_rate=2e-3,
                       min_lr=2e-4, warmup_iters=50, beta2=0.95, eval_interval=200, eval_iters=10, dtype="bf16")
     return Recipe("bpe-base", "4,096-id BPE GPT, 6 x 256, block 256, bf16: the base model later projects start "
-                  "from (30 min here under load, ~17 on 2 idle cores)", "shakespeare",
+                  "from (15 min on 2 idle cores)", "shakespeare",
                   {"kind": "bpe", "vocab_size": vocab, "pattern": "gpt4", "special_tokens": list(SPECIAL_TOKENS)},
                   model, cfg, wikitext_eval=True)
 
