@@ -162,9 +162,15 @@ def test_a_hung_claim_and_killed_workers_become_error_rows_and_the_bench_goes_on
 def run_cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     full_env = dict(os.environ, HANDSON_SPECS_DIR=str(tmp_path / "specs"), HANDSON_REPORT_DIR=str(tmp_path / "out"),
                     **(env or {}))
+    # a terminal's bench: SIGINT at its default even when pytest itself runs as a background job
+    # (a non-interactive shell starts those with SIGINT ignored, and Python keeps an ignored SIGINT)
     return subprocess.Popen([sys.executable, "-m", "harness", "bench", "--no-progress", *args], cwd=ROOT,
                             env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_default)
+
+
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_rows(results: Path, n: int, timeout_s: float = 120) -> dict:
