@@ -12,16 +12,16 @@ Why these shapes (measured on the shared 2-core machine; impl/zoo/README.md has 
 
 from __future__ import annotations
 
-from impl.bpe.tokenizer import ENDOFTEXT
 from impl.gpt.model import GPTConfig
+from impl.sft.templates import SPECIAL_TOKENS
 from impl.train.loop import TrainConfig
 from impl.zoo.recipes import Recipe
 
-# The chat special tokens, reserved from the start so fine-tuning never has to grow the vocabulary:
-# end of text (document separator), the three role markers, an end-of-turn marker (a turn ends
-# without the document ending, so a multi-turn chat stays one document and generation can stop at
-# the end of the assistant's turn), and padding (batches of unequal lengths; masked out of the loss).
-SPECIAL_TOKENS = (ENDOFTEXT, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>")
+# SPECIAL_TOKENS (the chat template's, impl/sft/templates.py) are reserved from the start so
+# fine-tuning never has to grow the vocabulary: end of text (document separator), the three role
+# markers, an end-of-turn marker (a turn ends without the document ending, so a multi-turn chat
+# stays one document and generation can stop at the end of the assistant's turn), and padding
+# (batches of unequal lengths; masked out of the loss).
 
 
 def _char_recipe() -> Recipe:
