@@ -8,6 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from impl.gpt.model import GPT
+from impl.kv_cache.fast import pad_prompts
 
 hf_logging.set_verbosity_error()  # our tiny vocabularies trip HF's warnings about GPT-2's eos id
 
@@ -111,14 +112,9 @@ def ragged_greedy(config: dict, state: dict[str, torch.Tensor], prompts: list[to
                   max_new_tokens: int) -> torch.Tensor:
     """HF's greedy new tokens (B, max_new_tokens) for prompts of different lengths in one
     left-padded batch with its attention mask (HF's recipe for batched generation)."""
-    T = max(len(p) for p in prompts)
-    idx = torch.zeros((len(prompts), T), dtype=torch.long)
-    mask = torch.zeros_like(idx)
-    for b, p in enumerate(prompts):
-        idx[b, T - len(p):] = p
-        mask[b, T - len(p):] = 1
+    idx, mask = pad_prompts(prompts)  # the same left-padded batch ours gets
     out = generate(to_hf(GPT.from_state(config, state)), idx, max_new_tokens, attention_mask=mask)
-    return out[:, T:]
+    return out[:, idx.shape[1]:]
 
 
 def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:

@@ -26,7 +26,7 @@ from impl.pretrain.config import gpt_125m, train_preset
 from impl.pretrain.data import prepare
 from impl.pretrain.naive import loss_and_grads
 from impl.pretrain.train import pretrain, sample_text
-from impl.train.evaluate import evaluate_ids, full_split_loss
+from impl.train.evaluate import bits_per_byte, evaluate_ids, full_split_loss
 from impl.train.loop import make_optimizer, train_step
 from impl.zoo import load as load_zoo_model
 from impl.zoo.recipes import encode, token_nbytes
@@ -226,7 +226,7 @@ def _zoo_result(name: str, ctx: Context) -> tuple[Result, dict[str, object]]:
     figures = evaluate_ids(model, val_ids, token_nbytes(tokenizer))
     train_ids = encode(tokenizer, train_text)
     unigram = unigram_loss(train_ids, val_ids[1:], tokenizer.vocab_size)
-    unigram_bpb = unigram * figures["tokens"] / (figures["bytes"] * math.log(2))
+    unigram_bpb = bits_per_byte(unigram, figures["tokens"], figures["bytes"])
     curve = meta["loss_curve"]
     wiki = meta.get("wikitext2_test", {})
     details: dict[str, object] = {
@@ -258,7 +258,7 @@ def _zoo_result(name: str, ctx: Context) -> tuple[Result, dict[str, object]]:
 
 def zoo_bpe_base(ctx: Context) -> Result:
     """bpe-base's bits per byte on Shakespeare's held-out last 10% (re-measured on load; the model is
-    trained into the cache first when absent, ~20 minutes on 2 idle cores)."""
+    trained into the cache first when absent, ~15 minutes on 2 idle cores)."""
     return _zoo_result("bpe-base", ctx)[0]
 
 

@@ -2,7 +2,7 @@
 model cache and loaded by every project.
 
     from impl import zoo
-    model, tokenizer, meta = zoo.load("bpe-base")   # trains it first (~20 min here) if not cached
+    model, tokenizer, meta = zoo.load("bpe-base")   # trains it first (~15 min here) if not cached
     meta["heldout_bits_per_byte"], tokenizer.special_tokens["<|assistant|>"]
 
 CLI: ``python -m impl.zoo list|build NAME|verify``. Storage (lock, atomic publish, hashes) is

@@ -3,7 +3,7 @@
 import torch
 
 from impl.gpt.model import GPT
-from tests.mutants.gpt import model_with, positions_lost_on_one_row
+from tests.mutants.gpt import LostOffsetGPT, model_with
 
 
 @torch.no_grad()
@@ -36,9 +36,7 @@ def padding_query_sees_nothing(config, state, idx, attention_mask):
 @torch.no_grad()
 def position_offset_lost_on_one_row(config, state, idx, attention_mask):
     """The most padded row counts positions from its first slot, not from its first real token."""
-    model = GPT.from_state(config, state)
-    return model(idx, attention_mask=attention_mask,
-                 position_ids=positions_lost_on_one_row(model, idx, attention_mask))
+    return LostOffsetGPT.from_state(config, state)(idx, attention_mask=attention_mask)
 
 
 @torch.no_grad()

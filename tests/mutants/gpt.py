@@ -52,10 +52,17 @@ def _padding_query_sees_nothing(q, k, v, causal, key_valid=None):
 register_attention("mutant_padding_query_sees_nothing", _padding_query_sees_nothing)
 
 
-def positions_lost_on_one_row(model: GPT, idx: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The model's position ids for a padded batch, except that the most padded row counts slots
-    (its left-padding offset lost): its first real token sits at the number of pads, not at 0."""
-    position_ids = model.positions(idx, 0, attention_mask)
-    row = (attention_mask == 0).sum(dim=1).argmax()
-    position_ids[row] = torch.arange(idx.shape[1])
-    return position_ids
+class LostOffsetGPT(GPT):
+    """The GPT whose position ids for a padded batch are right except on the most padded row, which
+    counts slots (its left-padding offset lost): its first real token sits at the number of pads, not
+    at 0. Through a KV cache too: every later step of that row stays shifted."""
+
+    def positions(self, idx: torch.Tensor, start: int = 0,
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        position_ids = super().positions(idx, start, attention_mask)
+        if attention_mask is None:
+            return position_ids
+        position_ids = position_ids.clone()
+        row = (attention_mask == 0).sum(dim=1).argmax()
+        position_ids[row] = torch.arange(start, start + idx.shape[1], device=idx.device)
+        return position_ids

@@ -5,6 +5,7 @@ import torch
 from impl.gpt.model import GPT
 from impl.gpt.sampling import next_token_probs
 from impl.kv_cache import blocked, concat, fast
+from tests.mutants.gpt import LostOffsetGPT
 
 
 class _OffByOneCache(fast.KVCache):
@@ -69,18 +70,9 @@ def mask_sees_padding(config, state, prompts, max_new_tokens):
     return _ragged_with(GPT, config, state, prompts, max_new_tokens, pass_mask=False)
 
 
-class _LostOffsetGPT(GPT):
-    def positions(self, idx, start=0, attention_mask=None):
-        pos = super().positions(idx, start, attention_mask)
-        if attention_mask is not None and pos.dim() == 2:
-            pos = pos.clone()
-            pos[0] = torch.arange(start, start + idx.shape[1], device=idx.device)  # row 0: slots, not tokens
-        return pos
-
-
 def position_offset_lost_on_one_row(config, state, prompts, max_new_tokens):
-    """Row 0's positions count slots (padding included) instead of its real tokens."""
-    return _ragged_with(_LostOffsetGPT, config, state, prompts, max_new_tokens)
+    """The most padded row's positions count slots (padding included) instead of its real tokens."""
+    return _ragged_with(LostOffsetGPT, config, state, prompts, max_new_tokens)
 
 
 class _StaleRollbackCache(concat.ConcatKVCache):
