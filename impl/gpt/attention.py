@@ -15,6 +15,14 @@ valid, **or j is query i's own position**: a padding query (left padding: nothin
 it) would otherwise see no key at all and softmax over nothing is NaN. A valid query's own key
 is valid, so the exception only ever touches padding rows, whose outputs nobody reads.
 ``visibility(T, S, key_valid)`` is that rule as one boolean tensor; every backend follows it.
+
+Packed rows (several training examples concatenated in one row, P4) pass ``key_valid`` as
+integer **segment ids** (B, S) instead: 0 marks padding, 1, 2, ... number the examples, each one
+contiguous run. Query i then sees key j when the causal rule allows it and both carry the same
+nonzero segment (or j is i's own position): no example attends to another. Backends registered
+with ``segments=True`` (naive, sdpa: both build their mask with ``visibility``) accept them;
+``GPT`` refuses packed rows on any other backend rather than let a per-key mask leak across
+examples.
 """
 
 from __future__ import annotations
@@ -28,11 +36,20 @@ import torch.nn.functional as F
 AttentionFn = Callable[..., torch.Tensor]  # (q, k, v, causal, key_valid=None) -> y
 
 _BACKENDS: dict[str, AttentionFn] = {}
+_SEGMENT_AWARE: set[AttentionFn] = set()
 
 
-def register_attention(name: str, fn: AttentionFn) -> None:
-    """Make ``fn`` selectable as ``GPTConfig(attention=name)``."""
+def register_attention(name: str, fn: AttentionFn, *, segments: bool = False) -> None:
+    """Make ``fn`` selectable as ``GPTConfig(attention=name)``; ``segments=True`` declares that it
+    follows ``visibility`` for integer segment ids too (packed rows)."""
     _BACKENDS[name] = fn
+    if segments:
+        _SEGMENT_AWARE.add(fn)
+
+
+def supports_segments(fn: AttentionFn) -> bool:
+    """Whether backend ``fn`` keeps packed examples apart when ``key_valid`` holds segment ids."""
+    return fn in _SEGMENT_AWARE
 
 
 def get_attention(name: str) -> AttentionFn:
@@ -53,11 +70,16 @@ def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Ten
 def visibility(T: int, S: int, key_valid: torch.Tensor | None, causal: bool = True,
                device: torch.device | None = None) -> torch.Tensor | None:
     """Boolean mask of which keys each query sees: (T, S) without ``key_valid``, (B, 1, T, S) with
-    it; None when every query sees every key (no causal mask, no padding)."""
+    it (a bool padding mask, or integer segment ids of packed rows); None when every query sees
+    every key (no causal mask, no padding)."""
     if key_valid is None:
         return causal_mask(T, S, device) if causal else None
     device = key_valid.device
-    allowed = key_valid[:, None, None, :].bool()  # (B, 1, 1, S)
+    if key_valid.dtype == torch.bool:
+        allowed = key_valid[:, None, None, :]  # (B, 1, 1, S)
+    else:  # segment ids: a key is visible to the queries of its own (nonzero) segment
+        keys, queries = key_valid[:, None, None, :], key_valid[:, None, S - T:, None]
+        allowed = (keys == queries) & (keys != 0)  # (B, 1, T, S)
     if causal:
         allowed = allowed & causal_mask(T, S, device)
     own = torch.arange(S, device=device).unsqueeze(0) == (torch.arange(T, device=device).unsqueeze(1) + S - T)
@@ -97,5 +119,5 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device))
 
 
-register_attention("naive", naive_attention)
-register_attention("sdpa", sdpa_attention)
+register_attention("naive", naive_attention, segments=True)
+register_attention("sdpa", sdpa_attention, segments=True)

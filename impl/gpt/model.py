@@ -14,6 +14,8 @@ Seams later projects plug into without forking this file:
 - ragged batches: ``attention_mask`` (B, S) marks real tokens (1) and padding (0), HF's
   convention, S counting cached tokens too; positions then count real tokens per row, so a
   left-padded prompt starts at position 0 and every row of a cache sits at its own position;
+- packed rows: ``segment_ids`` (B, T) numbers the examples concatenated in each row (0 =
+  padding); attention stays inside each example and positions restart at 0 for each (P4);
 - hidden states: ``embed`` -> ``model.blocks[i](x, ...)`` -> ``head`` is the whole forward, so a
   caller may run the blocks one at a time (pipeline stages P24, early exit P27);
   ``hidden_states`` returns every layer's output (distillation P18);
@@ -37,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from impl.gpt.attention import AttentionFn, get_attention
+from impl.gpt.attention import AttentionFn, get_attention, supports_segments
 
 
 @dataclass
@@ -262,6 +264,15 @@ class GPT(nn.Module):
                              f"= ({B}, {start + T})")
         return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]
 
+    @staticmethod
+    def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+        """Position ids (B, T) of packed rows: each contiguous run of one segment id counts from 0."""
+        t = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        run_start = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
+        return t - run_start
+
     def embed(self, idx: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Token plus position embeddings (B, T, C): the input of the first block."""
         return self.drop(self.wte(idx) + self.wpe(position_ids))
@@ -270,13 +281,34 @@ class GPT(nn.Module):
         """Logits (B, T, vocab) from the last block's output."""
         return self.lm_head(self.ln_f(x))
 
+    def _packed(self, idx: torch.Tensor, cache: KVCacheLike | None, attention_mask: torch.Tensor | None,
+                segment_ids: torch.Tensor) -> torch.Tensor:
+        """Check a packed batch's ``segment_ids``; return them as the attention's key mask (long)."""
+        if cache is not None or attention_mask is not None:
+            raise ValueError("segment_ids (packed training rows) cannot be combined with a cache or an attention_mask")
+        if segment_ids.shape != idx.shape:
+            raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected {tuple(idx.shape)} like idx")
+        if segment_ids.dtype == torch.bool or segment_ids.is_floating_point():
+            raise ValueError(f"segment_ids must be integer segment numbers (0 = padding), got {segment_ids.dtype}")
+        unaware = [b.attn.attend for b in self.blocks if not supports_segments(b.attn.attend)]
+        if unaware:
+            raise ValueError(f"attention backend {self.config.attention!r} cannot keep packed examples apart; "
+                             "run packed batches with attention='sdpa' or 'naive'")
+        return segment_ids.long()
+
     def _run(self, idx: torch.Tensor, cache: KVCacheLike | None, attention_mask: torch.Tensor | None,
-             position_ids: torch.Tensor | None, keep: list[torch.Tensor] | None) -> torch.Tensor:
+             position_ids: torch.Tensor | None, keep: list[torch.Tensor] | None,
+             segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Embed, run every block (appending each output to ``keep``), advance the cache."""
         start = cache.position if cache is not None else 0
+        if segment_ids is not None:
+            key_valid: torch.Tensor | None = self._packed(idx, cache, attention_mask, segment_ids)
+            if position_ids is None:
+                position_ids = self.segment_positions(segment_ids)
+        else:
+            key_valid = attention_mask.bool() if attention_mask is not None else None
         if position_ids is None:
             position_ids = self.positions(idx, start, attention_mask)
-        key_valid = attention_mask.bool() if attention_mask is not None else None
         x = self.embed(idx, position_ids)  # (B, T, C)
         if keep is not None:
             keep.append(x)
@@ -294,20 +326,24 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCacheLike | None = None, *,
                 attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids ``idx`` (B, T), continuing ``cache`` if given.
 
         ``attention_mask`` (B, cached + T): 1 for real tokens, 0 for padding (ragged batches);
-        ``position_ids`` (B, T) overrides the positions derived from it."""
-        return self.head(self._run(idx, cache, attention_mask, position_ids, None))
+        ``position_ids`` (B, T) overrides the positions derived from it; ``segment_ids`` (B, T):
+        packed rows, each example a contiguous run numbered 1, 2, ... (0 = padding), attending only
+        within itself and positioned from 0 (no cache, no attention_mask)."""
+        return self.head(self._run(idx, cache, attention_mask, position_ids, None, segment_ids))
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCacheLike | None = None, *,
                       attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+                      position_ids: torch.Tensor | None = None,
+                      segment_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Every layer's hidden state, n_layer + 1 tensors (B, T, C): the embeddings, then each
         block's output (before the final LayerNorm). ``head(states[-1])`` are the logits."""
         states: list[torch.Tensor] = []
-        self._run(idx, cache, attention_mask, position_ids, states)
+        self._run(idx, cache, attention_mask, position_ids, states, segment_ids)
         return states
 
 

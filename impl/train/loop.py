@@ -132,7 +132,7 @@ def estimate_loss(
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[tuple[torch.Tensor, torch.Tensor]] | list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
     dtype: str = "fp32",
     scaler: LossScaler | None = None,
     grad_clip: float = 1.0,
@@ -140,13 +140,18 @@ def train_step(
     """One optimizer step over the micro-batches ``batches`` (inputs, targets), each (B, T), their
     gradients accumulated, under ``dtype``'s autocast (fp16 needs ``scaler``); returns the mean
     loss as a detached scalar tensor (no device sync). The loss is the language-model loss plus
-    ``model.aux_loss()`` when a layer sets one (``impl.gpt.model``'s FFN seam)."""
+    ``model.aux_loss()`` when a layer sets one (``impl.gpt.model``'s FFN seam).
+
+    A micro-batch may carry a third item, keyword arguments for the model (``attention_mask`` of a
+    padded batch, ``segment_ids`` of a packed one: fine-tuning, P4); targets of -100 (prompt tokens,
+    padding) are left out of the loss, which is the mean over the remaining targets of each micro-batch."""
     if dtype == "fp16" and scaler is None:
         raise ValueError("dtype fp16 needs a loss scaler (pass scaler=...): fp16 gradients underflow")
     step_loss = torch.zeros((), device=batches[0][0].device)
-    for x, y in batches:
+    for x, y, *rest in batches:
+        kwargs = rest[0] if rest else {}
         with autocast(dtype, x.device.type):
-            loss = lm_loss(model(x), y)  # lm_loss computes in fp32
+            loss = lm_loss(model(x, **kwargs), y)  # lm_loss computes in fp32
             aux = model.aux_loss() if hasattr(model, "aux_loss") else None  # e.g. an MoE's load balancing
             loss = (loss if aux is None else loss + aux) / len(batches)
         (scaler.scale(loss) if scaler is not None else loss).backward()

@@ -5,6 +5,9 @@ model cache and loaded by every project.
     model, tokenizer, meta = zoo.load("bpe-base")   # trains it first (~15 min here) if not cached
     meta["heldout_bits_per_byte"], tokenizer.special_tokens["<|assistant|>"]
 
+A fine-tuned model is saved as a directory (``save_dir``: ``model.safetensors`` with the same metadata,
+the model config and tokenizer inside) and ``load_any`` takes a zoo name or such a directory.
+
 CLI: ``python -m impl.zoo list|build NAME|verify``. Storage (lock, atomic publish, hashes) is
 ``impl.model_cache``'s; each recipe registers there with a cache key (recipe + corpus + code,
 ``impl.zoo.recipes.cache_key``), so an entry built by another recipe or other code is rebuilt.
@@ -12,15 +15,21 @@ CLI: ``python -m impl.zoo list|build NAME|verify``. Storage (lock, atomic publis
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from impl import model_cache
 from impl.data.tokens import CharTokenizer
 from impl.gpt.model import GPT
+from impl.train.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from impl.zoo.catalog import RECIPES, SPECIAL_TOKENS
 from impl.zoo.recipes import Recipe, build, cache_key, tokenizer_from_metadata
+from impl.zoo.recipes import _tokenizer_meta as tokenizer_metadata  # public name: saving a model needs it
 
-__all__ = ["RECIPES", "SPECIAL_TOKENS", "Recipe", "load", "register_recipe"]
+__all__ = ["RECIPES", "SPECIAL_TOKENS", "Recipe", "load", "load_any", "load_dir", "register_recipe", "save_dir",
+           "tokenizer_metadata"]
 
 
 def register_recipe(recipe: Recipe, replace: bool = False, progress: bool = True) -> model_cache.CachedModel:
@@ -41,6 +50,54 @@ def load(name: str) -> tuple[GPT, Any, dict[str, Any]]:
                      f"{meta['model_config']['vocab_size']}")
 
 
+def save_dir(path: str | Path, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
+    """Write ``model`` to ``path/model.safetensors`` (atomically, hashed) with ``meta``, which must hold
+    its ``model_config`` and ``tokenizer`` (a zoo model's metadata does); ``load_dir`` reads it back."""
+    missing = [k for k in ("model_config", "tokenizer") if k not in meta]
+    if missing:
+        raise ValueError(f"metadata lacks {missing}: start from a zoo model's metadata")
+    meta = {k: v for k, v in meta.items() if k != model_cache.KEY_FIELD} | {"model_config": model.config.to_dict()}
+    return save_checkpoint(Path(path) / model_cache.MODEL_FILE, model, meta=meta)
+
+
+def load_dir(path: str | Path) -> tuple[GPT, Any, dict[str, Any]]:
+    """``(model, tokenizer, metadata)`` from a directory written by ``save_dir`` (hash checked)."""
+    file = Path(path) / model_cache.MODEL_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} holds no {model_cache.MODEL_FILE}: not a saved model directory")
+    meta = read_meta(file)
+    model = model_cache.gpt_from_metadata(meta)
+    load_checkpoint(file, model)
+    return model.eval(), tokenizer_from_metadata(meta), meta
+
+
+def load_any(name_or_path: str | Path) -> tuple[GPT, Any, dict[str, Any]]:
+    """A zoo model by name (``load``) or a saved model directory (``load_dir``); an unknown name that is
+    no directory either is an error naming both."""
+    if Path(name_or_path).is_dir():
+        return load_dir(name_or_path)
+    name = str(name_or_path)
+    if name in model_cache.registered():
+        return load(name)
+    known = ", ".join(sorted(set(RECIPES) | set(model_cache.registered())))
+    raise ValueError(f"{name!r} is neither a model directory nor a known model (known: {known})")
+
+
+def _build_chat() -> tuple[torch.nn.Module, dict[str, Any]]:
+    from impl.sft import chat
+
+    return chat.build()
+
+
+def _chat_key() -> str:
+    from impl.sft import chat
+
+    return chat.cache_key()
+
+
 for _recipe in RECIPES.values():
     if _recipe.name not in model_cache.registered():
         register_recipe(_recipe)
+if "chat" not in model_cache.registered():  # bpe-base fine-tuned on the instruction set (impl/sft/chat.py)
+    model_cache.register("chat", _build_chat, description="bpe-base after supervised fine-tuning on the "
+                         "project's instruction set (impl/sft)", key=_chat_key)

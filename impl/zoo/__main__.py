@@ -39,6 +39,10 @@ def _figures(name: str) -> str:
         parts.append(f"trained in {meta['train_wall_s']:.0f}s")
     if "tokens_per_s" in meta:
         parts.append(f"{meta['tokens_per_s']:,.0f} tokens/s")
+    if "sft" in meta:  # a fine-tuned model (chat): its base and the fine-tuning run
+        sft = meta["sft"]
+        parts.append(f"{meta.get('base', '?')} fine-tuned {sft['steps']} steps in {sft['wall_s']:.0f}s "
+                     f"({sft['tokens_per_s']:,.0f} tokens/s)")
     return ", ".join(parts)
 
 
