@@ -10,13 +10,12 @@ answer followed by ``<|end|>``.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from impl.sft.tasks import REFUSAL, as_messages
+from impl.sft.tasks import REFUSAL, as_messages, read_jsonl, to_jsonl
 from impl.sft.templates import END, check_messages, tokenize_chat
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -62,31 +61,13 @@ def record_problem(record: Any) -> str | None:
 def write_preferences(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
     """Write ``records`` one JSON object a line (UTF-8); ValueError naming the record index and field of the
     first bad record, before anything is written. Returns the path."""
-    records = list(records)
-    for i, record in enumerate(records):
-        problem = record_problem(record)
-        if problem:
-            raise ValueError(f"record {i}: {problem}")
-    path = Path(path)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
+    return to_jsonl(records, path, record_problem)
 
 
 def read_preferences(path: str | Path) -> list[dict[str, Any]]:
     """The records of a preference JSONL file (blank lines skipped); ValueError
     ``"{path} line {n}: {what is wrong}"`` on the first line that is not a valid record."""
-    records = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {n}: not valid JSON ({err.msg} at column {err.colno})") from None
-        problem = record_problem(record)
-        if problem:
-            raise ValueError(f"{path} line {n}: {problem}")
-        records.append(record)
+    records = read_jsonl(path, record_problem)
     if not records:
         raise ValueError(f"{path}: no preference records (an empty file)")
     return records

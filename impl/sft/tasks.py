@@ -162,12 +162,15 @@ def _record_problem(record: Any) -> str | None:
     return None
 
 
-def to_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
+def to_jsonl(records: Iterable[dict[str, Any]], path: str | Path,
+             check: Callable[[Any], str | None] | None = None) -> Path:
     """Write ``records`` one JSON object a line (UTF-8); ValueError naming the record index of the first bad
-    record, before anything is written. Returns the path."""
+    record, before anything is written. ``check(record)`` says what is wrong with a record, or None
+    (default: an instruction or chat record). Returns the path."""
+    check = check or _record_problem
     records = list(records)
     for i, record in enumerate(records):
-        problem = _record_problem(record)
+        problem = check(record)
         if problem:
             raise ValueError(f"record {i}: {problem}")
     path = Path(path)
@@ -175,9 +178,11 @@ def to_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path, check: Callable[[Any], str | None] | None = None) -> list[dict[str, Any]]:
     """The records of a JSONL file written by ``to_jsonl`` (blank lines skipped); ValueError
-    ``"{path} line {n}: {what is wrong}"`` on the first line that is not a valid record."""
+    ``"{path} line {n}: {what is wrong}"`` on the first line that is not a valid record (``check`` as in
+    ``to_jsonl``)."""
+    check = check or _record_problem
     records = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -186,7 +191,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} line {n}: not valid JSON ({err.msg} at column {err.colno})") from None
-        problem = _record_problem(record)
+        problem = check(record)
         if problem:
             raise ValueError(f"{path} line {n}: {problem}")
         records.append(record)
