@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from benchmarks.workloads.sft import zoo_accuracy
 from harness.measure import Context, Plot, Result
 from impl.dpo.data import pairs_from_tasks
 from impl.dpo.fast import preference_accuracy, train_dpo
@@ -30,7 +31,7 @@ def dpo_run(device: str = "cpu") -> dict[str, Any]:
     policy, tokenizer, _ = load_zoo_model("chat")
     reference, _, _ = load_zoo_model("chat")
     policy, reference = policy.float().to(device), reference.float().to(device)
-    sft_before = accuracy(reference, tokenizer, eval_tasks)["exact_match"]
+    sft_before = zoo_accuracy("chat", device)["exact_match"]  # the SFT claim's figure, computed once
     result = train_dpo(policy, reference, tokenizer, train_pairs, eval_records=eval_pairs, log_every=10,
                        progress=False, **SETTINGS)
     return {

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from impl.dpo.data import tokenize_pair
 from impl.gpt.model import GPT
-from impl.sft.templates import PAD
+from impl.sft.fast import pad_id as tokenizer_pad_id
 from impl.train.loop import TrainConfig, make_optimizer
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -178,11 +178,6 @@ class DPOResult:
     eval_accuracy_after: float | None = None  # the trained policy's implicit-reward ranking
 
 
-def pad_id_of(tokenizer: Any) -> int:
-    """The tokenizer's ``<|pad|>`` id, else 0 (padding is masked out either way)."""
-    return getattr(tokenizer, "special_tokens", {}).get(PAD, 0)
-
-
 def _step_stats(policy: GPT, cache: ReferenceCache, pairs: Sequence[TokenPair], beta: float, loss_type: str,
                 label_smoothing: float, pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:
     device = next(policy.parameters()).device
@@ -220,7 +215,7 @@ def train_dpo(policy: GPT, reference: GPT, tokenizer: Any, records: Sequence[dic
     if not records:
         raise ValueError("no preference records to train on")
     pairs = [tokenize_pair(tokenizer, r) for r in records]
-    pad_id = pad_id_of(tokenizer)
+    pad_id = tokenizer_pad_id(tokenizer)
     cache = ReferenceCache(reference.eval(), pad_id, batch_size)
     reference.requires_grad_(False)
     optimizer = make_optimizer(policy, TrainConfig(learning_rate=lr, weight_decay=0.0))
@@ -275,7 +270,7 @@ def preference_accuracy(policy: GPT, reference: GPT | None, tokenizer: Any, reco
         raise ValueError("no preference records to evaluate")
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    pad_id = pad_id_of(tokenizer)
+    pad_id = tokenizer_pad_id(tokenizer)
     if reference is not None and cache is None:
         cache = ReferenceCache(reference.eval(), pad_id, batch_size)
     was_training = policy.training
