@@ -1,0 +1,1 @@
+"""Project 10: prompt caching (prefix blocks shared across requests)."""
