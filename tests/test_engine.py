@@ -160,6 +160,11 @@ def test_the_cli_serves_a_jsonl_file_and_reports_percentiles(tmp_path):
     assert "2 requests, 8 tokens" in run.stdout and "p99" in run.stdout
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert [len(a["token_ids"]) for a in answers] == [5, 3]
+    run = subprocess.run([sys.executable, "-m", "impl.engine", str(prompts), "--model", str(model_dir),
+                          "--draft", str(model_dir), "--max-tokens", "5", "--no-progress"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "2 requests, 8 tokens" in run.stdout and "acceptance_rate 1.0" in run.stdout  # a model drafting for itself
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt_ids": [1]}\n{"text": "no prompt"}\n')
     run = subprocess.run([sys.executable, "-m", "impl.engine", str(bad), "--model", str(model_dir)],

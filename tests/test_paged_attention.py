@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
 
-from benchmarks.workloads.paged_attention import requests, serve_contiguous, serve_paged
+from benchmarks.workloads.paged_attention import requests, serve
 from impl.gpt.model import GPT, GPTConfig
 from impl.paged_attention import fast, triton_kernel
 from impl.paged_attention.allocator import BlockAllocator, NoFreeBlocks
@@ -182,16 +182,16 @@ def test_paged_cache_decodes_with_the_triton_kernel_like_with_the_torch_path():
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
-def test_workload_replay_without_forwards_gives_the_same_books_as_with_them():
-    reqs = [(5, 3), (9, 7), (2, 1)]
+def test_the_engine_paged_holds_only_filled_blocks_and_preallocating_holds_max_length():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=4096, block_size=64, n_layer=1, n_head=1, n_embd=8)).eval()
-    assert serve_paged(reqs, 4, model) == serve_paged(reqs, 4)
-
-
-def test_contiguous_server_holds_max_length_for_every_running_request():
-    out = serve_contiguous([(10, 2)])
-    assert out["live"] == [1] and out["waste"] == [1 - 12 / (10 + 448)]
+    model = GPT(GPTConfig(vocab_size=4096, block_size=512, n_layer=1, n_head=1, n_embd=8)).eval()
+    # after the first step the 10-token prompt is cached: paged, one block of 16 holds it; pre-allocating,
+    # prompt + 448 slots are reserved (29 blocks); the request ends in the second step
+    paged = serve([(10, 2)], 16, model)
+    contiguous = serve([(10, 2)], 16, model, preallocate=448)
+    assert paged["live"] == contiguous["live"] == [1]
+    assert paged["waste"] == [1 - 10 / 16]
+    assert contiguous["waste"] == [1 - 10 / (29 * 16)]
 
 
 def test_workload_requests_are_fixed_by_the_seed():

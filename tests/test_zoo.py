@@ -169,7 +169,8 @@ def test_the_named_recipes_are_registered_with_the_chat_tokens_reserved():
         assert specials[0] == "<|endoftext|>"
         assert {"<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"} <= set(specials)
     keys = {name: recipes.cache_key(r) for name, r in catalog.RECIPES.items()}
-    assert len(set(keys.values())) == len(catalog.RECIPES) and keys["bpe-base"] == recipes.cache_key(catalog.RECIPES["bpe-base"])
+    assert len(set(keys.values())) == len(catalog.RECIPES)
+    assert keys["bpe-base"] == recipes.cache_key(catalog.RECIPES["bpe-base"])
 
 
 @pytest.mark.parametrize("module", ["impl.zoo", "impl.model_cache"])

@@ -54,13 +54,18 @@ def read_requests(path: Path, tokenizer, defaults: dict,
     return requests
 
 
-def build_engine(args: argparse.Namespace, model) -> EngineBase:
+def build_engine(args: argparse.Namespace, model, draft=None) -> EngineBase:
     cache = ResponseCache(args.response_cache) if args.response_cache else None
     if args.engine == "static":
         return StaticEngine(model, max_batch=args.max_num_seqs, response_cache=cache)
-    return Engine(model, max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
-                  block_size=args.block_size, num_blocks=args.num_blocks, prefix_caching=args.prefix_caching,
-                  response_cache=cache)
+    knobs = dict(max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
+                 block_size=args.block_size, num_blocks=args.num_blocks, prefix_caching=args.prefix_caching,
+                 response_cache=cache)
+    if draft is not None:
+        from impl.engine.speculative import SpeculativeEngine
+
+        return SpeculativeEngine(model, draft, num_speculative=args.num_speculative, **knobs)
+    return Engine(model, **knobs)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -77,6 +82,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-caching", action="store_true", help="reuse cached blocks of shared prompt prefixes")
     p.add_argument("--response-cache", type=int, default=0, metavar="N",
                    help="answer repeated deterministic requests from an LRU cache of N entries (0: off)")
+    p.add_argument("--draft", default=None, help="draft model (zoo name or directory, the target's tokenizer) for "
+                   "speculative decoding, e.g. bpe-draft for bpe-base")
+    p.add_argument("--num-speculative", type=int, default=4, help="tokens drafted per step with --draft")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -99,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
                     "top_p": args.top_p, "seed": args.seed}
         requests = read_requests(args.prompts, tokenizer, defaults, stops)
-        engine = build_engine(args, model)
+        if args.draft and args.engine == "static":
+            raise ValueError("--draft needs the continuous engine")
+        draft = load_any(args.draft)[0] if args.draft else None
+        engine = build_engine(args, model, draft)
         ids = [engine.add_request(p, s) for p, s in requests]
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -121,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     counters = dict(engine.counters)
     if isinstance(engine, Engine) and engine.prefix_caching:
         counters["prefix_hit_rate"] = round(engine.prefix_stats()["hit_rate"], 3)
+    if counters.get("drafted"):
+        counters["acceptance_rate"] = round(counters["accepted"] / counters["drafted"], 3)
     if engine.response_cache is not None:
         counters["response_cache_hits"] = engine.response_cache.hits
     print("engine:", ", ".join(f"{k} {v}" for k, v in counters.items()))

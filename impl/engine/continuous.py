@@ -36,7 +36,8 @@ class Engine(EngineBase):
     """The engine: continuous batching, paged KV cache, optional prefix caching and response cache."""
 
     def __init__(self, model: GPT, *, max_num_seqs: int = 16, max_batched_tokens: int = 512, block_size: int = 16,
-                 num_blocks: int | None = None, prefix_caching: bool = False, watermark: float = 0.01, **kwargs):
+                 num_blocks: int | None = None, prefix_caching: bool = False, watermark: float = 0.01,
+                 preallocate: int | None = None, **kwargs):
         super().__init__(model, **kwargs)
         if max_num_seqs < 1 or max_batched_tokens < 1:
             raise ValueError(f"max_num_seqs ({max_num_seqs}) and max_batched_tokens ({max_batched_tokens}) "
@@ -50,12 +51,15 @@ class Engine(EngineBase):
         self.cache = PagedKVCache.for_model(model, num_blocks, block_size, allocator=allocator)
         self.prefix_caching = prefix_caching
         self.watermark_blocks = max(1, int(watermark * num_blocks))
+        # None: blocks as tokens arrive (paged). N: on admission, reserve the prompt plus N new tokens at once, as a
+        # server that pre-allocates each request's longest possible sequence contiguously does (P13's baseline)
+        self.preallocate = preallocate
         self.running: list[SeqState] = []  # in admission order: the last one is preempted first
         self.hashes: dict[int, list[int]] = {}  # cache slot -> hashes of its registered full blocks
 
     # --- capacity -----------------------------------------------------------------------------------------------
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
-        longest = min(len(prompt) + params.max_tokens, self.context)
+        longest = min(len(prompt) + max(params.max_tokens, self.preallocate or 0), self.context)
         blocks = math.ceil(longest / self.block_size)
         if blocks > self.cache.allocator.num_blocks:
             raise ValueError(f"a request of up to {longest} tokens needs {blocks} cache blocks, more than the "
@@ -86,12 +90,16 @@ class Engine(EngineBase):
         self.cache.add_sequence(seq.slot, blocks, len(blocks) * self.block_size)
         seq.num_computed = len(blocks) * self.block_size
         n = min(len(seq.tokens) - seq.num_computed, budget)
+        reserve = n
+        if self.preallocate is not None:
+            longest = min(len(seq.prompt) + self.preallocate, self.context)
+            reserve = max(n, longest - seq.num_computed)
         try:
-            wanted = self._blocks_needed(seq, n)
+            wanted = self._blocks_needed(seq, reserve)
             # keep room for running decodes to grow; a request alone in the engine may take the whole pool
             if self.running and self.cache.allocator.num_free - wanted < self.watermark_blocks:
                 raise NoFreeBlocks(wanted + self.watermark_blocks, self.cache.allocator.num_free)
-            self.cache.reserve(seq.slot, n)
+            self.cache.reserve(seq.slot, reserve)
         except NoFreeBlocks:
             self.cache.free_sequence(seq.slot)
             seq.num_computed = 0

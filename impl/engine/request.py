@@ -83,7 +83,7 @@ class RequestOutput:
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's `seq in queue` must not compare every field
 class SeqState:
     """One request inside an engine: its tokens (prompt, then generated) and how many sit in the cache."""
 
