@@ -101,12 +101,12 @@ def kv_waste(ctx: Context) -> Result:
     value = _mean(paged["waste"])
     token_weighted = 1 - sum(paged["used"]) / sum(paged["reserved"])
     peak = paged["reserved"].index(max(paged["reserved"]))
-    return Result(value=value, unit="", spread=(min(paged["waste"]), max(paged["waste"])), details={
+    return Result(value=value, unit="", details={
         **_workload_details(requests()), "steps": len(paged["waste"]), "preemptions": paged["preemptions"],
         "waste_token_weighted": round(token_weighted, 4), "waste_at_peak_reservation": round(paged["waste"][peak], 4),
         "contiguous_waste_mean": round(_mean(contiguous["waste"]), 4),
         **{f"waste_block_{bs}": round(_mean(r["waste"]), 4) for bs, r in sweep.items()},
-        "spread_is": "min and max of the per-step waste"},
+        "waste_min_step": round(min(paged["waste"]), 4), "waste_max_step": round(max(paged["waste"]), 4)},
         plots=[Plot(title="KV waste vs block size (mean over decode steps)", x=SWEEP_BLOCK_SIZES,
                     series={"paged": [_mean(sweep[bs]["waste"]) for bs in SWEEP_BLOCK_SIZES],
                             "contiguous max-length": [_mean(contiguous["waste"])] * len(SWEEP_BLOCK_SIZES)},
