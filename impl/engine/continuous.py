@@ -32,6 +32,20 @@ from impl.paged_attention.fast import PagedKVCache
 from impl.prompt_caching.prefix import PrefixCachingAllocator
 
 
+def padded_rows(rows: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and position ids (B, T) for rows of (tokens to feed, position of the first), right-padded to
+    the longest row: every row at its own position over its own block table."""
+    B, T = len(rows), max(len(tokens) for tokens, _ in rows)
+    ids = torch.zeros((B, T), dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    for b, (tokens, start) in enumerate(rows):
+        n = len(tokens)
+        ids[b, :n] = torch.tensor(tokens)
+        pos[b, :n] = torch.arange(start, start + n)
+        pos[b, n:] = start + n - 1  # padding queries: any valid position, their outputs are never read
+    return ids, pos
+
+
 class Engine(EngineBase):
     """The engine: continuous batching, paged KV cache, optional prefix caching and response cache."""
 
@@ -95,7 +109,7 @@ class Engine(EngineBase):
             longest = min(len(seq.prompt) + self.preallocate, self.context)
             reserve = max(n, longest - seq.num_computed)
         try:
-            wanted = self._blocks_needed(seq, reserve)
+            wanted = self.cache.blocks_needed(seq.slot, reserve)
             # keep room for running decodes to grow; a request alone in the engine may take the whole pool
             if self.running and self.cache.allocator.num_free - wanted < self.watermark_blocks:
                 raise NoFreeBlocks(wanted + self.watermark_blocks, self.cache.allocator.num_free)
@@ -106,10 +120,6 @@ class Engine(EngineBase):
             return 0
         seq.metrics.cached_prompt_tokens = max(seq.metrics.cached_prompt_tokens, len(blocks) * self.block_size)
         return n
-
-    def _blocks_needed(self, seq: SeqState, n: int) -> int:
-        have = len(self.cache.block_table(seq.slot))
-        return max(0, math.ceil((self.cache.length(seq.slot) + n) / self.block_size) - have)
 
     # --- one iteration -------------------------------------------------------------------------------------------
     def _schedule(self) -> list[tuple[SeqState, int]]:
@@ -175,15 +185,8 @@ class Engine(EngineBase):
     @staticmethod
     def _inputs(group: list[tuple[SeqState, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and position ids (B, T) of the group's next tokens, right-padded to the longest chunk."""
-        B, T = len(group), max(n for _, n in group)
-        ids = torch.zeros((B, T), dtype=torch.long)
-        pos = torch.zeros((B, T), dtype=torch.long)
-        for b, (seq, n) in enumerate(group):
-            start = seq.num_computed
-            ids[b, :n] = torch.tensor(seq.tokens[start : start + n])
-            pos[b, :n] = torch.arange(start, start + n)  # each row at its own position
-            pos[b, n:] = start + n - 1  # padding queries: any valid position, their outputs are never read
-        return ids, pos
+        return padded_rows([(seq.tokens[seq.num_computed : seq.num_computed + n], seq.num_computed)
+                            for seq, n in group])
 
     @staticmethod
     def _last_logits(logits: torch.Tensor, n_new: list[int]) -> torch.Tensor:

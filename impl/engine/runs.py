@@ -23,6 +23,11 @@ from impl.prompt_caching.response_cache import ResponseCache
 ENGINE_KNOBS = ("max_num_seqs", "max_batched_tokens", "block_size", "num_blocks", "prefix_caching")
 
 
+def engine_knobs(knobs: dict) -> dict:
+    """The keywords of a case that configure ``Engine`` (the others belong to other implementations)."""
+    return {k: v for k, v in knobs.items() if k in ENGINE_KNOBS}
+
+
 def _params(max_tokens: Sequence[int], stop_ids: Sequence[int]) -> list[SamplingParams]:
     return [SamplingParams(max_tokens=n, stop_ids=tuple(stop_ids)) for n in max_tokens]
 
@@ -69,7 +74,7 @@ def _offline(engine: EngineBase, prompts, max_tokens, stop_ids, arrive_at=None) 
 def continuous(config: dict, state: dict[str, torch.Tensor], prompts: Sequence[Sequence[int]],
                max_tokens: Sequence[int], stop_ids: Sequence[int] = (), **knobs) -> list[list[int]]:
     """All prompts through the continuous-batching engine at once (``knobs``: its settings)."""
-    engine = Engine(GPT.from_state(config, state), **{k: v for k, v in knobs.items() if k in ENGINE_KNOBS})
+    engine = Engine(GPT.from_state(config, state), **engine_knobs(knobs))
     return _offline(engine, prompts, max_tokens, stop_ids)
 
 
@@ -98,7 +103,7 @@ def speculative(config: dict, state: dict[str, torch.Tensor], prompts: Sequence[
 
     model = GPT.from_state(config, state)
     engine = SpeculativeEngine(model, shallow_draft(model), num_speculative=num_speculative,
-                               **{k: v for k, v in knobs.items() if k in ENGINE_KNOBS})
+                               **engine_knobs(knobs))
     return _offline(engine, prompts, max_tokens, stop_ids)
 
 
@@ -107,7 +112,7 @@ def cached_twice(config: dict, state: dict[str, torch.Tensor], prompts: Sequence
     """Prefix caching and the response cache on: every prompt is served twice by one engine (the second
     round hits both caches); the second round's outputs, which must equal an uncached run's."""
     engine = Engine(GPT.from_state(config, state), response_cache=ResponseCache(),
-                    **{k: v for k, v in knobs.items() if k in ENGINE_KNOBS} | {"prefix_caching": True})
+                    **engine_knobs(knobs) | {"prefix_caching": True})
     first = _offline(engine, prompts, max_tokens, stop_ids)
     second = _offline(engine, prompts, max_tokens, stop_ids)
     if engine.response_cache.hits != len(prompts):
@@ -120,5 +125,5 @@ def arrivals(config: dict, state: dict[str, torch.Tensor], prompts: Sequence[Seq
              max_tokens: Sequence[int], arrive_at: Sequence[int], stop_ids: Sequence[int] = (),
              **knobs) -> list[list[int]]:
     """Requests added while the continuous engine runs: request i arrives before step ``arrive_at[i]``."""
-    engine = Engine(GPT.from_state(config, state), **{k: v for k, v in knobs.items() if k in ENGINE_KNOBS})
+    engine = Engine(GPT.from_state(config, state), **engine_knobs(knobs))
     return _offline(engine, prompts, max_tokens, stop_ids, arrive_at)

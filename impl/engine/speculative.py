@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from impl.engine.continuous import Engine
+from impl.engine.continuous import Engine, padded_rows
 from impl.engine.request import SeqState, choose_tokens
 from impl.gpt.model import GPT
 from impl.gpt.sampling import next_token_probs
@@ -75,11 +75,8 @@ class SpeculativeEngine(Engine):
     def _speculate(self, rows: list[SeqState]) -> list[SeqState]:
         ks = [self._room(seq) for seq in rows]
         drafts, draft_probs = self._draft([s for s, k in zip(rows, ks, strict=True) if k], [k for k in ks if k])
-        group = [(seq, 1 + k) for seq, k in zip(rows, ks, strict=True)]
-        ids, pos = self._inputs(group)  # (B, T): the last token of each row ...
-        for b, (seq, k) in enumerate(zip(rows, ks, strict=True)):
-            if k:
-                ids[b, 1 : 1 + k] = torch.tensor(drafts[seq.slot])  # ... then its drafts
+        # (B, T): each row's last token, then its drafts, from the position of that last token
+        ids, pos = padded_rows([(seq.tokens[-1:] + drafts.get(seq.slot, []), seq.num_computed) for seq in rows])
         self.cache.set_batch([seq.slot for seq in rows], [1 + k for k in ks])
         logits = self.model(ids.to(self.device), cache=self.cache, position_ids=pos.to(self.device))  # (B, T, V)
         self.counters["forwards"] += 1
@@ -118,21 +115,14 @@ class SpeculativeEngine(Engine):
             for b in live:
                 seq = rows[b]
                 seen = self.draft_cache.length(seq.slot)
-                pending = (seq.tokens + drafts[seq.slot])[seen:]  # first step: everything the draft missed
-                group.append((seq, pending))
-            T = max(len(p) for _, p in group)
-            ids = torch.zeros((len(group), T), dtype=torch.long)
-            pos = torch.zeros((len(group), T), dtype=torch.long)
-            for i, (seq, pending) in enumerate(group):
-                start = self.draft_cache.length(seq.slot)
-                ids[i, : len(pending)] = torch.tensor(pending)
-                pos[i] = (torch.arange(start, start + T)).clamp(max=start + len(pending) - 1)
-            self.draft_cache.set_batch([seq.slot for seq, _ in group], [len(p) for _, p in group])
+                group.append((seq, (seq.tokens + drafts[seq.slot])[seen:], seen))  # first step: all it missed
+            ids, pos = padded_rows([(pending, seen) for _, pending, seen in group])
+            self.draft_cache.set_batch([seq.slot for seq, _, _ in group], [len(p) for _, p, _ in group])
             logits = self.draft(ids.to(self.device), cache=self.draft_cache, position_ids=pos.to(self.device))
             self.counters["draft_forwards"] += 1
-            last = self._last_logits(logits, [len(p) for _, p in group])  # (B, vocab)
-            picks = choose_tokens(last, [seq for seq, _ in group])
-            for i, (seq, _) in enumerate(group):
+            last = self._last_logits(logits, [len(p) for _, p, _ in group])  # (B, vocab)
+            picks = choose_tokens(last, [seq for seq, _, _ in group])
+            for i, (seq, _, _) in enumerate(group):
                 drafts[seq.slot].append(picks[i])
                 if seq.params.temperature > 0:
                     p = seq.params

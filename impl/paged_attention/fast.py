@@ -110,7 +110,9 @@ class PagedKVCache:
             self.allocator.incref(block)
         self.add_sequence(child, shared, self._lengths[parent])
 
-    def _blocks_needed(self, seq_id: int, n_tokens: int) -> int:
+    def blocks_needed(self, seq_id: int, n_tokens: int) -> int:
+        """Free blocks ``reserve(seq_id, n_tokens)`` would take: new ones past the table, plus a copy of a
+        shared last block about to be written."""
         table, length = self._tables[seq_id], self._lengths[seq_id]
         grow = max(0, -(-(length + n_tokens) // self.block_size) - len(table))
         # the partly filled last block is written next: shared or cached, it must be copied first
@@ -120,11 +122,11 @@ class PagedKVCache:
 
     def can_reserve(self, needs: dict[int, int]) -> bool:
         """Whether ``reserve(seq_id, n)`` for every ``seq_id: n`` of ``needs`` would fit together."""
-        return sum(self._blocks_needed(s, n) for s, n in needs.items()) <= self.allocator.num_free
+        return sum(self.blocks_needed(s, n) for s, n in needs.items()) <= self.allocator.num_free
 
     def reserve(self, seq_id: int, n_tokens: int) -> None:
         """Room for ``n_tokens`` more tokens of ``seq_id``; ``NoFreeBlocks`` allocates nothing."""
-        need = self._blocks_needed(seq_id, n_tokens)
+        need = self.blocks_needed(seq_id, n_tokens)
         new = self.allocator.allocate_many(need)  # all or none
         table, length = self._tables[seq_id], self._lengths[seq_id]
         tail = length // self.block_size

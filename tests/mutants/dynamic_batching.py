@@ -12,7 +12,7 @@ from impl.prompt_caching import prefix
 
 
 def _run_with(engine_cls, config, state, prompts, max_tokens, stop_ids=(), arrive_at=None, prefix=False, **knobs):
-    knobs = {k: v for k, v in knobs.items() if k in runs.ENGINE_KNOBS} | ({"prefix_caching": True} if prefix else {})
+    knobs = runs.engine_knobs(knobs) | ({"prefix_caching": True} if prefix else {})
     engine = engine_cls(GPT.from_state(config, state), **knobs)
     return runs._offline(engine, prompts, max_tokens, stop_ids, arrive_at)
 
@@ -80,7 +80,7 @@ def arrivals_lost_on_preemption(config, state, prompts, max_tokens, arrive_at, s
 
 def _speculative_with(engine_cls, config, state, prompts, max_tokens, stop_ids=(), **knobs):
     model = GPT.from_state(config, state)
-    knobs = {k: v for k, v in knobs.items() if k in runs.ENGINE_KNOBS}
+    knobs = runs.engine_knobs(knobs)
     engine = engine_cls(model, runs.shallow_draft(model), num_speculative=3, **knobs)
     return runs._offline(engine, prompts, max_tokens, stop_ids)
 
