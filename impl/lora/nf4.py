@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from impl.ptq.quant import pack_int4, unpack_int4
+
 BLOCK = 64  # weights per absmax scale (QLoRA)
 SCALE_BLOCK = 256  # absmax scales per second-level scale (QLoRA's double quantization)
 # QLoRA's outermost quantile: the mean of 1 - 1/(2*15) and 1 - 1/(2*16), so the extreme code is
@@ -93,9 +95,7 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = True) -> NF4Tensor:
     normalized = (blocks / absmax.clamp(min=1e-38)[:, None]).clamp(-1, 1).reshape(-1)[:n]
     # nearest level = the number of midpoints below the value (a binary search, not a 16-way argmin)
     codes = torch.bucketize(normalized, _MIDPOINTS, out_int32=True).to(torch.uint8)
-    codes = F.pad(codes, (0, n % 2))
-    packed = (codes[0::2] << 4) | codes[1::2]  # two codes per byte, the first in the high nibble
-    out = NF4Tensor(packed=packed, shape=weight.shape, dtype=weight.dtype)
+    out = NF4Tensor(packed=pack_int4(codes), shape=weight.shape, dtype=weight.dtype)  # first code: high nibble
     if double_quant:
         out.scale_codes, out.scale_scales, out.scale_offset = _double_quantize(absmax)
     else:
@@ -105,7 +105,7 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = True) -> NF4Tensor:
 
 def unpack_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The ``n`` 4-bit code indices (int64) stored in ``packed`` (uint8, high nibble first)."""
-    return torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n].long()
+    return unpack_int4(packed, n, signed=False).long()
 
 
 def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -18,18 +18,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from impl import model_cache
+from impl.data.corpus import load_text, split_text
 from impl.data.tokens import CharTokenizer
 from impl.gpt.model import GPT
 from impl.train.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from impl.zoo.catalog import RECIPES, SPECIAL_TOKENS
-from impl.zoo.recipes import Recipe, build, cache_key, tokenizer_from_metadata
+from impl.zoo.recipes import Recipe, build, cache_key, encode, tokenizer_from_metadata
 from impl.zoo.recipes import _tokenizer_meta as tokenizer_metadata  # public name: saving a model needs it
 
 __all__ = ["RECIPES", "SPECIAL_TOKENS", "Recipe", "load", "load_any", "load_dir", "register_recipe", "save_dir",
-           "tokenizer_metadata"]
+           "token_splits", "tokenizer_metadata"]
 
 
 def register_recipe(recipe: Recipe, replace: bool = False, progress: bool = True) -> model_cache.CachedModel:
@@ -50,6 +52,16 @@ def load(name: str) -> tuple[GPT, Any, dict[str, Any]]:
                      f"{meta['model_config']['vocab_size']}")
 
 
+def token_splits(tokenizer: Any, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(train ids, held-out ids) of the corpus a zoo model was trained on, cut as its build cut it and
+    encoded with ``tokenizer`` (uint16): calibration sets come from the first, perplexities from the second."""
+    recipe = meta.get("recipe") or {}
+    if "corpus" not in recipe or "val_fraction" not in recipe:
+        raise ValueError("metadata lacks its recipe's corpus / val_fraction: not a zoo model's metadata")
+    train_text, val_text = split_text(load_text(recipe["corpus"]), recipe["val_fraction"])
+    return encode(tokenizer, train_text), encode(tokenizer, val_text)
+
+
 def save_dir(path: str | Path, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
     """Write ``model`` to ``path/model.safetensors`` (atomically, hashed) with ``meta``, which must hold
     its ``model_config`` and ``tokenizer`` (a zoo model's metadata does); ``load_dir`` reads it back."""
@@ -61,11 +73,16 @@ def save_dir(path: str | Path, model: torch.nn.Module, meta: dict[str, Any]) -> 
 
 
 def load_dir(path: str | Path) -> tuple[GPT, Any, dict[str, Any]]:
-    """``(model, tokenizer, metadata)`` from a directory written by ``save_dir`` (hash checked)."""
+    """``(model, tokenizer, metadata)`` from a directory written by ``save_dir`` (hash checked), or by
+    ``impl.ptq.modules.save_quantized`` (a quantized model)."""
     file = Path(path) / model_cache.MODEL_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path} holds no {model_cache.MODEL_FILE}: not a saved model directory")
     meta = read_meta(file)
+    if "quantization" in meta:  # written by impl.ptq: its layers are rebuilt before the codes load
+        from impl.ptq.modules import load_quantized
+
+        return load_quantized(path)
     model = model_cache.gpt_from_metadata(meta)
     load_checkpoint(file, model)
     return model.eval(), tokenizer_from_metadata(meta), meta
