@@ -157,3 +157,33 @@ def test_switching_a_model_to_int8_matmul_counts_its_layers() -> None:
     quantize_model(model, Scheme(8))
     assert use_int8_matmul(model) == 8
     assert torch.isfinite(model(torch.randint(0, 64, (1, 8)))[0]).all()
+
+
+def test_the_cli_quantizes_a_saved_model_reports_size_and_perplexity_and_writes_a_loadable_model(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from impl import zoo
+    from impl.data.corpus import load_text
+    from impl.data.tokens import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text(load_text("shakespeare"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32)).eval()
+    meta = {"model_config": model.config.to_dict(), "tokenizer": zoo.tokenizer_metadata(tokenizer),
+            "recipe": {"corpus": "shakespeare", "val_fraction": 0.1}}
+    zoo.save_dir(tmp_path / "fp32", model, meta)
+    run = subprocess.run([sys.executable, "-m", "impl.ptq", str(tmp_path / "fp32"), "--bits", "4", "--group-size",
+                          "16", "--lm-head", "--eval-tokens", "2000", "--out", str(tmp_path / "q4"), "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["scheme"] == "int4 g16 sym" and report["lm_head_quantized"] and report["layers"] == 5
+    assert report["size_ratio"] > 2 and report["heldout_tokens"] == 2000
+    assert report["file_bytes"] == (tmp_path / "q4" / "model.safetensors").stat().st_size
+    loaded, _, _ = zoo.load_any(tmp_path / "q4")  # a quantized directory loads like any saved model
+    assert isinstance(loaded.lm_head, QuantLinear) and isinstance(loaded.wte, QuantEmbedding)
+    bad = subprocess.run([sys.executable, "-m", "impl.ptq", str(tmp_path / "fp32"), "--bits", "4", "--group-size",
+                          "24"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "does not split into groups of 24" in bad.stderr
