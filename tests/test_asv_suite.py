@@ -92,10 +92,13 @@ def better_records_lower(record, bound: dict[str, float], metric: str) -> None:
         pairs = [(centre, centre + half), (centre, centre - half), (centre + half / 2, centre + 2 * half)]
     elif "min" in bound:
         b = bound["min"]
-        pairs = [(b * 2, b), (b, b / 2)] if metric != "fraction" else [(0.9, 0.5), (0.5, 0.1)]
+        if metric == "fraction":
+            pairs = [(0.9, 0.5), (0.5, 0.1)]
+        else:  # scaled around a positive bound, shifted around a signed one (a delta may be <= 0)
+            pairs = [(b * 2, b), (b, b / 2)] if b > 0 else [(b + 1, b), (b, b - 1)]
     else:
         b = bound["max"]
-        pairs = [(b / 2, b), (b, b * 2)]
+        pairs = [(b / 2, b), (b, b * 2)] if b > 0 else [(b - 1, b), (b, b + 1)]
     for good, bad in pairs:
         assert record(good) < record(bad), f"{metric} {bound}: {good} is better than {bad} but records higher"
 

@@ -6,7 +6,7 @@ from its bound (the seed's direction):
 - ``bound = { max = X }``: the metric is lower-is-better already (a time, a loss, an exponent,
   a memory ratio fast/naive): recorded as measured.
 - ``bound = { min = X }``: higher is better (a speedup, a throughput, a reduction factor): recorded
-  as ``1/value`` (a slowdown), or ``1 - value`` for a fraction.
+  as ``1/value`` (a slowdown), ``1 - value`` for a fraction, ``-value`` for a signed figure (a bound <= 0).
 - both: the claim is a band around a target: recorded as the distance from its centre.
 
 The specs are read from this checkout's ``specs/`` with ``tomllib`` alone, not through the
@@ -55,6 +55,8 @@ def direction(bound: dict[str, float], metric: str, unit: str) -> tuple[Callable
     if "min" in bound:
         if metric == "fraction":
             return (lambda v: 1.0 - v), "1 - fraction, lower is better"
+        if bound["min"] <= 0:  # a signed figure (a delta): 1/value would flip at 0
+            return (lambda v: -v), f"-({shown}), lower is better"
         return _inverse, f"1/({shown}), lower is better"
     if "max" in bound:
         return (lambda v: v), f"{shown}, lower is better"

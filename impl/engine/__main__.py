@@ -58,7 +58,7 @@ def build_engine(args: argparse.Namespace, model, draft=None) -> EngineBase:
     cache = ResponseCache(args.response_cache) if args.response_cache else None
     if args.engine == "static":
         return StaticEngine(model, max_batch=args.max_num_seqs, response_cache=cache)
-    knobs = dict(max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
+    knobs = dict(max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens, kv_bits=args.kv_bits,
                  block_size=args.block_size, num_blocks=args.num_blocks, prefix_caching=args.prefix_caching,
                  response_cache=cache)
     if draft is not None:
@@ -78,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests in flight (static: rows per batch)")
     p.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per step (prefill chunks + decodes)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
+                   help="store the KV cache as KIVI int8 / int4 (P15; default: the model's dtype)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: every row at full context)")
     p.add_argument("--prefix-caching", action="store_true", help="reuse cached blocks of shared prompt prefixes")
     p.add_argument("--response-cache", type=int, default=0, metavar="N",
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         requests = read_requests(args.prompts, tokenizer, defaults, stops)
         if args.draft and args.engine == "static":
             raise ValueError("--draft needs the continuous engine")
+        if args.engine == "static" and args.kv_bits:
+            raise ValueError("--kv-bits needs the continuous engine (the static engine uses the contiguous cache)")
         draft = load_any(args.draft)[0] if args.draft else None
         engine = build_engine(args, model, draft)
         ids = [engine.add_request(p, s) for p, s in requests]

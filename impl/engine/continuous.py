@@ -16,6 +16,10 @@ Every ``step()`` is one scheduling iteration:
 4. A request whose tokens are all in the cache gets its next token, drawn with its own settings; stop ids,
    ``max_tokens`` and the model's context end it, and its blocks go back to the pool at once, so the next
    step can admit someone else. That is the difference from static batching.
+
+``kv_bits=8`` (or 4) stores the blocks as KIVI-quantized keys and values (project 15,
+``impl/kv_quantization/paged.py``): the same scheduling, 3.3x (int8) / 5.8x (int4) fewer bytes per token
+than the fp32 blocks at block size 16 (bpe-base), plus each running sequence's fp32 keys of its last block.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class Engine(EngineBase):
 
     def __init__(self, model: GPT, *, max_num_seqs: int = 16, max_batched_tokens: int = 512, block_size: int = 16,
                  num_blocks: int | None = None, prefix_caching: bool = False, watermark: float = 0.01,
-                 preallocate: int | None = None, **kwargs):
+                 preallocate: int | None = None, kv_bits: int | None = None, **kwargs):
         super().__init__(model, **kwargs)
         if max_num_seqs < 1 or max_batched_tokens < 1:
             raise ValueError(f"max_num_seqs ({max_num_seqs}) and max_batched_tokens ({max_batched_tokens}) "
@@ -62,7 +66,13 @@ class Engine(EngineBase):
         if num_blocks is None:  # room for every row at the model's full context
             num_blocks = max_num_seqs * math.ceil(self.context / block_size)
         allocator = (PrefixCachingAllocator if prefix_caching else BlockAllocator)(num_blocks, block_size)
-        self.cache = PagedKVCache.for_model(model, num_blocks, block_size, allocator=allocator)
+        if kv_bits is None:
+            self.cache = PagedKVCache.for_model(model, num_blocks, block_size, allocator=allocator)
+        else:  # P15: KIVI int8 / int4 keys and values in the same blocks
+            from impl.kv_quantization.paged import QuantizedPagedKVCache
+
+            self.cache = QuantizedPagedKVCache.for_model(model, num_blocks, block_size, allocator=allocator,
+                                                         bits=kv_bits)
         self.prefix_caching = prefix_caching
         self.watermark_blocks = max(1, int(watermark * num_blocks))
         # None: blocks as tokens arrive (paged). N: on admission, reserve the prompt plus N new tokens at once, as a

@@ -70,9 +70,7 @@ class PagedKVCache:
         # stored head-major (n_layer, n_head, num_blocks, block_size, head_dim) so that one layer's pools, seen
         # as the contract's (num_blocks, n_head, block_size, head_dim), gather without a permuting copy
         # (paged_attention); k_pool / v_pool are those views, (n_layer, num_blocks, n_head, block_size, head_dim)
-        shape = (n_layer, n_head, num_blocks, block_size, head_dim)
-        self.k_pool = torch.zeros(shape, dtype=dtype, device=device).transpose(1, 2)
-        self.v_pool = torch.zeros(shape, dtype=dtype, device=device).transpose(1, 2)
+        self._make_pools((n_layer, n_head, num_blocks, block_size, head_dim), dtype, device)
         self.attention = attention or paged_attention  # naive / triton paths plug in here
         self._tables: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
@@ -132,11 +130,21 @@ class PagedKVCache:
         tail = length // self.block_size
         if n_tokens > 0 and length % self.block_size != 0 and not self.allocator.writable(table[tail]):
             copy = new.pop()  # copy-on-write: this sequence's own copy of the shared last block
-            self.k_pool[:, copy] = self.k_pool[:, table[tail]]
-            self.v_pool[:, copy] = self.v_pool[:, table[tail]]
+            self._copy_block(table[tail], copy)
             self.allocator.free(table[tail])
             table[tail] = copy
         table.extend(new)
+
+    def _make_pools(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> None:
+        """The block storage, ``shape`` = (n_layer, n_head, num_blocks, block_size, head_dim) (a quantized
+        cache stores codes and scales instead: impl/kv_quantization/paged.py)."""
+        self.k_pool = torch.zeros(shape, dtype=dtype, device=device).transpose(1, 2)
+        self.v_pool = torch.zeros(shape, dtype=dtype, device=device).transpose(1, 2)
+
+    def _copy_block(self, src: int, dst: int) -> None:
+        """Copy-on-write: everything block ``src`` stores, into block ``dst``."""
+        self.k_pool[:, dst] = self.k_pool[:, src]
+        self.v_pool[:, dst] = self.v_pool[:, src]
 
     def length(self, seq_id: int) -> int:
         """Tokens cached for ``seq_id``."""

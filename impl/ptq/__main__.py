@@ -59,7 +59,7 @@ def _score(model: torch.nn.Module, ids) -> tuple[float, float]:
 
 
 def _gptq_weights(model, train_ids, scheme: Scheme, args: argparse.Namespace):
-    from impl.ptq.calibration import calibration_batches  # noqa: I001 (the helper files land with GPTQ)
+    from impl.ptq.calibration import calibration_batches
     from impl.ptq.gptq import gptq_model
 
     batches = calibration_batches(train_ids, n_samples=args.calib_samples, seq_len=model.config.block_size)

@@ -169,7 +169,8 @@ def _tied(model: nn.Module) -> bool:
     return wte is not None and head is not None and wte.weight is head.weight
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the submodule ``name`` (dotted) of ``model`` is."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -191,7 +192,7 @@ def quantize_model(model: nn.Module, scheme: Scheme, targets: Iterable[str] = TA
             layer = QuantLinear.from_codes(q, scale, zero, scheme, linear.bias)
         else:
             layer = QuantLinear.from_linear(linear, scheme)
-        _set(model, name, layer.to(linear.weight.device))
+        replace_module(model, name, layer.to(linear.weight.device))
         if name == HEAD and tied:
             model.wte = QuantEmbedding(layer)
     return names
@@ -252,7 +253,7 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
     for name in spec["names"]:
         linear = model.get_submodule(name)
         layer = QuantLinear(linear.in_features, linear.out_features, scheme, linear.bias is not None)
-        _set(model, name, layer)
+        replace_module(model, name, layer)
         if name == HEAD and tied:
             model.wte = QuantEmbedding(layer)
     load_checkpoint(file, model)

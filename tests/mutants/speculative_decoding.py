@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+from unittest.mock import patch
 
 import torch
 
@@ -45,18 +45,8 @@ def bonus_from_previous_row(target_probs, draft_probs, draft_tokens, generator=N
 # ---------------------------------------------------------------- greedy generation (the exact check)
 
 
-@contextlib.contextmanager
-def _patched(name, value):
-    original = getattr(fast, name)
-    setattr(fast, name, value)
-    try:
-        yield
-    finally:
-        setattr(fast, name, original)
-
-
 def _greedy_with(name, value, case):
-    with _patched(name, value):
+    with patch.object(fast, name, value):
         return fast.greedy(**case)
 
 
@@ -103,5 +93,5 @@ def _accept_all_sampled(target_probs, draft_probs, draft_tokens, generator=None)
 
 def sample_always_accepting(target, draft, prompt, max_new_tokens, k, *, temperature, generator=None):
     """Sampled generation whose verification keeps every draft: the draft model's law."""
-    with _patched("sampled_accept", _accept_all_sampled):
+    with patch.object(fast, "sampled_accept", _accept_all_sampled):
         return fast.sample(target, draft, prompt, max_new_tokens, k, temperature=temperature, generator=generator)
