@@ -47,7 +47,7 @@ def test_prune_count_rounds_half_to_even_and_refuses_a_sparsity_outside_0_1():
 
 def test_structured_pruning_shrinks_every_matrix_and_counts_exactly_the_removed_parameters():
     model = tiny_gpt()
-    before = structured.model_params(model)
+    before = model.num_params()
     keep = {"heads": [[0, 2, 3], [1]], "neurons": [list(range(0, 128, 2)), [5, 6, 7]]}
     structured.shrink(model, keep)
     a0, a1 = model.blocks[0].attn, model.blocks[1].attn
@@ -57,7 +57,7 @@ def test_structured_pruning_shrinks_every_matrix_and_counts_exactly_the_removed_
     removed_heads = 1 + 3  # each head: 3 * 8 rows of c_attn (weight + bias) and 8 columns of c_proj
     removed_neurons = 64 + 125  # each neuron: a c_fc row + bias entry and a c_proj column
     expected = removed_heads * (3 * 8 * 32 + 3 * 8 + 8 * 32) + removed_neurons * (32 + 1 + 32)
-    assert before - structured.model_params(model) == expected
+    assert before - model.num_params() == expected
     model(calib(2))  # still runs
 
 

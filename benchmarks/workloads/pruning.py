@@ -105,7 +105,7 @@ def structured_study(quick: bool, device: str = "cpu") -> dict[str, Any]:
     prune_s = time.perf_counter() - t0
     out: dict[str, Any] = {
         "setup": s, "keep": keep,
-        "params": {"before": structured.model_params(base), "after": structured.model_params(model)},
+        "params": {"before": base.num_params(), "after": model.num_params()},
         "block_linear_params": {"before": structured.block_linear_params(base),
                                 "after": structured.block_linear_params(model)},
         "loss": {"base": full_split_loss(base, held), "pruned, not fine-tuned": full_split_loss(model, held)},

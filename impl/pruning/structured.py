@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from impl.pruning.unstructured import block_linears
+
 Keep = dict[str, list[list[int]]]  # {"heads": per layer the kept heads, "neurons": per layer the kept neurons}
 
 
@@ -143,14 +145,7 @@ def select(model: nn.Module, calib_batches: torch.Tensor, head_fraction: float, 
 
 def block_linear_params(model: nn.Module) -> int:
     """Parameters (weights and biases) of every block's linears, counted on the modules as they are."""
-    return sum(p.numel() for block in model.blocks for m in (block.attn.c_attn, block.attn.c_proj,
-                                                             block.mlp.c_fc, block.mlp.c_proj)
-               for p in m.parameters())
-
-
-def model_params(model: nn.Module) -> int:
-    """Every parameter of the model, a tied weight once (embeddings, norms, linears)."""
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for m in block_linears(model).values() for p in m.parameters())
 
 
 def _gpt(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:

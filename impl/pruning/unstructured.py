@@ -17,14 +17,13 @@ is exactly 0. Afterwards the product is written back as a plain weight.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from impl.pruning import fast
+from impl.ptq.calibration import block_by_block
 from impl.ptq.modules import TARGETS, linear_names
 from impl.train.loop import TrainConfig, TrainResult, train
 
@@ -44,6 +43,16 @@ def magnitude_model_masks(model: nn.Module, sparsity: float, scope: str = "layer
     return dict(zip(layers, masks, strict=True))
 
 
+class _SquaredNorms:
+    """Running sum over calibration tokens of each input feature's square (float64): ||X_j||_2^2."""
+
+    def __init__(self, layer: nn.Linear):
+        self.total = torch.zeros(layer.in_features, dtype=torch.float64, device=layer.weight.device)
+
+    def add(self, x: torch.Tensor) -> None:
+        self.total += x.detach().reshape(-1, x.shape[-1]).double().square().sum(dim=0)
+
+
 @torch.no_grad()
 def wanda_model_masks(model: nn.Module, calib_batches: torch.Tensor, sparsity: float, batch_size: int = 16) -> Masks:
     """Wanda keep-masks for every block linear from calibration windows ``calib_batches`` (n, T) ids.
@@ -51,33 +60,12 @@ def wanda_model_masks(model: nn.Module, calib_batches: torch.Tensor, sparsity: f
     Block by block, as the paper's code does: a block's input norms are taken on the outputs of the
     blocks already pruned, so later layers are scored on the activations they will actually see.
     ``model`` is not modified (a copy is)."""
-    work = copy.deepcopy(model).eval()
-    device = next(work.parameters()).device
-    ids = calib_batches.to(device)
-    pos = torch.arange(ids.shape[1], device=device)
-    xs = [work.embed(ids[i:i + batch_size], pos) for i in range(0, len(ids), batch_size)]  # each (b, T, C)
     masks: Masks = {}
-    for b, block in enumerate(work.blocks):
-        layers = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)
-                  and name.rsplit(".", 1)[-1] in TARGETS}
-        sq = {name: torch.zeros(m.in_features, dtype=torch.float64, device=device) for name, m in layers.items()}
-
-        def collect(name: str):
-            def hook(_m, args, _out):
-                x = args[0].detach()
-                sq[name] += x.reshape(-1, x.shape[-1]).double().square().sum(dim=0)
-            return hook
-
-        hooks = [m.register_forward_hook(collect(name)) for name, m in layers.items()]
-        for x in xs:
-            block(x)
-        for h in hooks:
-            h.remove()
+    for prefix, layers, sq in block_by_block(model, calib_batches, _SquaredNorms, TARGETS, batch_size=batch_size):
         for name, m in layers.items():
-            _, keep = fast.wanda_mask(m.weight, sq[name].sqrt(), sparsity)
+            _, keep = fast.wanda_mask(m.weight, sq[name].total.sqrt(), sparsity)
             m.weight.mul_(keep)
-            masks[f"blocks.{b}.{name}"] = keep
-        xs = [block(x) for x in xs]  # through the pruned block: the next block's inputs
+            masks[prefix + name] = keep
     return masks
 
 

@@ -24,12 +24,12 @@ itself still in full precision: not the reference code's "true sequential" sub-o
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
+from impl.ptq.calibration import block_by_block
 from impl.ptq.quant import Scheme, dequantize, qparams, quantize, quantize_dequantize
 
 DAMP = 0.01  # fraction of the mean diagonal added to H (the paper's percdamp)
@@ -113,11 +113,6 @@ def reconstruction_error(weight: torch.Tensor, approx: torch.Tensor, H: torch.Te
 Solver = Callable[..., Codes]
 
 
-def _targets(block: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Linear]:
-    return {name: m for name, m in block.named_modules()
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets}
-
-
 def _quantize_layers(layers: dict[str, nn.Linear], hessians: dict[str, HessianAccumulator], scheme: Scheme,
                      solver: Solver, act_order: bool, prefix: str, out: dict[str, Codes],
                      errors: dict[str, dict[str, float]] | None) -> None:
@@ -150,28 +145,10 @@ def gptq_model(model: nn.Module, calib_batches: torch.Tensor, scheme: Scheme, ac
     its calibration inputs of GPTQ's weights and of round-to-nearest's."""
     if solver is None:
         from impl.ptq.fast import gptq_fast as solver
-    work = copy.deepcopy(model).eval()
-    device = next(work.parameters()).device
-    ids = calib_batches.to(device)
-    pos = torch.arange(ids.shape[1], device=device)
-    xs = [work.embed(ids[i:i + batch_size], pos) for i in range(0, len(ids), batch_size)]  # each (b, T, C)
     out: dict[str, Codes] = {}
-    for b, block in enumerate(work.blocks):
-        layers = _targets(block, targets)
-        hessians = {name: HessianAccumulator(m.in_features) for name, m in layers.items()}
-        hooks = [m.register_forward_hook(lambda _m, args, _o, acc=hessians[name]: acc.add(args[0]))
-                 for name, m in layers.items()]
-        for x in xs:
-            block(x)
-        for h in hooks:
-            h.remove()
-        _quantize_layers(layers, hessians, scheme, solver, act_order, f"blocks.{b}.", out, errors)
-        xs = [block(x) for x in xs]  # through the quantized block: the next block's inputs
-    if lm_head:
-        acc = HessianAccumulator(work.lm_head.in_features)
-        for x in xs:
-            acc.add(work.ln_f(x))
-        _quantize_layers({"lm_head": work.lm_head}, {"lm_head": acc}, scheme, solver, act_order, "", out, errors)
+    for prefix, layers, hessians in block_by_block(model, calib_batches, lambda m: HessianAccumulator(m.in_features),
+                                                   targets, lm_head, batch_size):
+        _quantize_layers(layers, hessians, scheme, solver, act_order, prefix, out, errors)
     return out
 
 
