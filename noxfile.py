@@ -1,4 +1,5 @@
-"""Sessions users run: test, bench, report, asv, lint. Each installs what it needs on a fresh machine."""
+"""Sessions users run: test, micro, bench, report, compare, asv, lint. Each installs what it needs on a fresh
+machine."""
 
 from __future__ import annotations
 
@@ -31,7 +32,26 @@ def test(session: nox.Session) -> None:
     """Every spec-driven check (edge cases, hypothesis, mutants) and every unit test; the outcomes go
     to reports/out/checks.xml (stamped with the commit), which the report's project pages show."""
     install(session, "gpu,data", "test")
-    session.run("python", "-m", "pytest", "tests", "--junitxml=reports/out/checks.xml", *session.posargs)
+    # the micro-benchmarks (tests/test_micro.py) time, never judge: skipped unless asked for (-- --benchmark-only)
+    skip = [] if any(a.startswith("--benchmark-") for a in session.posargs) else ["--benchmark-skip"]
+    session.run("python", "-m", "pytest", "tests", "--junitxml=reports/out/checks.xml", *skip, *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def micro(session: nox.Session) -> None:
+    """Micro-benchmarks: each implementation of every exact/allclose check on its largest edge case, grouped by
+    spec, autosaved in .benchmarks/ (`pytest-benchmark compare` shows a kernel's history across commits)."""
+    install(session, "gpu,data", "test")
+    session.run("python", "-m", "pytest", "tests/test_micro.py", "--benchmark-only", "--benchmark-autosave",
+                "--benchmark-columns=min,median,iqr,rounds", "--benchmark-sort=name",
+                *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def compare(session: nox.Session) -> None:
+    """Two results files side by side: `nox -s compare -- A.json B.json` (figures, spreads, B / A, verdicts, flags)."""
+    install(session, "", "bench")
+    session.run("python", "-m", "harness", "compare", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -1,9 +1,10 @@
-"""``python -m harness list|check|bench|report``: the verification engine's command line."""
+"""``python -m harness list|check|bench|report|compare``: the verification engine's command line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from harness.spec import SpecError, load_spec, load_specs, select
 
@@ -87,10 +88,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ResultsFileError as e:
         print(f"error: {e}; move it aside or run `python -m harness bench` for a fresh one", file=sys.stderr)
         return 2
-    if args.markdown:
+    if args.csv is not False:
+        from harness.bench import OUT_DIR
+        from harness.ledger import write_csv
+
+        path = args.csv if args.csv == "-" else Path(args.csv or OUT_DIR / "ledger.csv")
+        n = write_csv(results, path)
+        if args.csv != "-":
+            print(f"ledger: {path} ({n} rows)")
+    elif args.markdown:
         print(report.markdown(results))
     else:
         print(f"report: {report.render(results)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness.bench import OUT_DIR
+    from harness.compare import compare
+    from harness.ledger import LedgerFileError
+
+    try:
+        md, page, joined = compare(args.a, args.b, Path(args.out) if args.out else OUT_DIR / "compare")
+    except LedgerFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(md)
+    print(f"\n{sum(bool(f) for f in joined['flags'])} of {len(joined)} rows flagged; page: {page}")
     return 0
 
 
@@ -102,7 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         ("check", "run the spec-driven checks (pytest); extra args after -- go to pytest"),
         ("bench", "measure every claim, write reports/out/results.json and the HTML report"),
         ("report", "re-render the HTML report from reports/out/results.json"),
+        ("compare", "two results files side by side: figures, spreads, B / A, verdicts, flags"),
     ]:
+        if name == "compare":
+            p = sub.add_parser(name, help=helptext, description=helptext + ". Both are re-judged by this "
+                               "checkout's specs; writes compare.html and compare.md and prints the Markdown.")
+            p.add_argument("a", help="results file A (e.g. another machine's reports/out/results.json)")
+            p.add_argument("b", help="results file B")
+            p.add_argument("--out", metavar="DIR", help="where compare.html / compare.md go (default: "
+                           "reports/out/compare, or $HANDSON_REPORT_DIR/compare)")
+            continue
         p = sub.add_parser(name, help=helptext, description=helptext)
         p.add_argument("-k", metavar="PROJECT", help="only projects whose slug, title or number matches")
         if name == "bench":
@@ -116,11 +149,15 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name == "report":
             p.add_argument("--markdown", action="store_true", help="print the measured claims as a Markdown table")
+            p.add_argument("--csv", nargs="?", const="", default=False, metavar="PATH",
+                           help="export the ledger (one row per claim and device, with the environment) as CSV "
+                                "to PATH ('-': stdout; default reports/out/ledger.csv)")
         if name == "check":
             p.add_argument("pytest_args", nargs="*", help="passed to pytest")
     args = parser.parse_args(argv)
     try:
-        return {"list": cmd_list, "check": cmd_check, "bench": cmd_bench, "report": cmd_report}[args.command](args)
+        return {"list": cmd_list, "check": cmd_check, "bench": cmd_bench, "report": cmd_report,
+                "compare": cmd_compare}[args.command](args)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -123,6 +123,59 @@ def render_plot(plot: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+VERDICT_COLOURS = {"holds": "#2e8b3d", "fails": "#c8372d", "review": "#9b2fa3"}
+
+
+def margin(value: float, bound: dict[str, float]) -> float | None:
+    """How far a figure stands from its bound, oriented so that > 1 meets it: measured / min for a
+    lower bound, max / measured for an upper bound, the tighter of the two for a band. None where the
+    ratio means nothing (a bound at or below 0, e.g. a signed loss difference, or a figure <= 0)."""
+    sides = []
+    if "min" in bound:
+        sides.append(value / bound["min"] if bound["min"] > 0 and value > 0 else None)
+    if "max" in bound:
+        sides.append(bound["max"] / value if bound["max"] > 0 and value > 0 else None)
+    return None if not sides or None in sides else min(sides)
+
+
+def standing_plot(results: dict[str, Any], path: Path) -> tuple[int, int]:
+    """The index page's first figure: every measured claim's ``margin`` on a log axis, coloured by
+    verdict, one row per claim and device in roadmap order. Returns (claims plotted, measured claims
+    left out because their bound is at or below 0)."""
+    points, skipped = [], 0
+    for p in results["projects"]:
+        for c in p["claims"]:
+            if c["verdict"] not in VERDICT_COLOURS or c.get("value") is None:
+                continue
+            m = margin(float(c["value"]), c["bound"])
+            if m is None:
+                skipped += 1
+                continue
+            label = f"P{p['project']} {c['name']}"
+            points.append((label[:58] + ("..." if len(label) > 58 else "") + f" [{c.get('device', '')}]",
+                           m, c["verdict"]))
+    fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.19 * max(len(points), 1)), dpi=100)
+    ys = list(range(len(points)))[::-1]
+    for verdict, colour in VERDICT_COLOURS.items():
+        sel = [(y, m) for y, (_, m, v) in zip(ys, points, strict=True) if v == verdict]
+        if sel:
+            ax.scatter([m for _, m in sel], [y for y, _ in sel], c=colour, s=22, label=verdict, zorder=3)
+    for y, (_, m, v) in zip(ys, points, strict=True):
+        ax.plot([1, m], [y, y], color=VERDICT_COLOURS[v], alpha=0.35, lw=1.5)
+    ax.axvline(1, color="#444", lw=1)
+    ax.set_xscale("log")
+    ax.set_yticks(ys, [label for label, _, _ in points], fontsize=7)
+    ax.set_ylim(-1, len(points))
+    ax.set_xlabel("measured / bound (inverted for upper bounds): right of 1 meets the roadmap's claim", fontsize=8)
+    ax.set_title("Where every measured claim stands", fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return len(points), skipped
+
+
 def check_outcomes(path: Path = CHECKS_XML, commit: str | None = None) -> dict[str, Any]:
     """The last test run's outcomes (JUnit XML written by ``nox -s test``), if it ran on ``commit``
     (default HEAD): {"commit", "per_slug": {slug: {passed, failed, skipped}}, "failed": {slug: n}};
@@ -174,8 +227,10 @@ def render(results: dict[str, Any] | None = None, out_dir: Path = OUT_DIR) -> Pa
     phases: dict[str, list[dict[str, Any]]] = {}
     for project in results["projects"]:
         phases.setdefault(project["phase"], []).append(project)
+    plotted, unplotted = standing_plot(results, out_dir / "img" / "standing.png")
     index = env.get_template("index.html.j2").render(
-        phases=phases, totals=[(v, totals.get(v, 0)) for v in VERDICTS], updated=results.get("updated", ""),
+        standing={"plotted": plotted, "unplotted": unplotted}, phases=phases,
+        totals=[(v, totals.get(v, 0)) for v in VERDICTS], updated=results.get("updated", ""),
         run=results.get("run") or {}, head=git_commit(),
     )
     path = out_dir / "index.html"
