@@ -195,7 +195,9 @@ def _run_isolated(spec: Spec, jobs: list[Job], quick: bool, threads: int, on_sta
     pending = list(jobs)
     while pending:
         parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, daemon=True,
+        # not daemonic: multi-rank workloads (P21, P23, P24) start their ranks from the worker, which a daemonic
+        # process may not do; the worker dies with the bench (PDEATHSIG) and is killed below on a timeout
+        proc = ctx.Process(target=_worker, daemon=False,
                            args=(child, str(spec.path), [(j.claim.name, j.device) for j in pending], quick, threads))
         proc.start()
         child.close()

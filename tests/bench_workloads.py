@@ -8,6 +8,8 @@ import signal
 import time
 from pathlib import Path
 
+import torch
+
 from harness.measure import Context, NotApplicable, Result, peak_memory_bytes
 
 
@@ -68,3 +70,18 @@ def memory_worker_killed(ctx: Context) -> Result:
 
 def zero_peak(ctx: Context) -> Result:
     return Result(value=peak_memory_bytes("tests.bench_workloads:nothing_setup"))
+
+
+def _rank_sum(rank: int, world: int) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([2.5])
+    dist.all_reduce(t)
+    return t.item()
+
+
+def spawns_ranks(ctx: Context) -> Result:
+    """A multi-rank workload (P21, P23, P24): the bench's worker starts two gloo ranks."""
+    from impl.distributed import spawn
+
+    return Result(value=min(spawn(_rank_sum, 2)), unit="x")

@@ -150,6 +150,7 @@ def test_a_hung_claim_and_killed_workers_become_error_rows_and_the_bench_goes_on
         claim("killed", "kills_its_process"),
         claim("memory worker killed", "memory_worker_killed"),
         claim("after the faults", "five"),
+        claim("starts ranks", "spawns_ranks"),
     ]))
     got = rows(bench.run([spec], progress=False))  # isolated: each in a worker process
     assert got[("hangs", "cpu")]["verdict"] == "error" and "timed out after 4 s" in got[("hangs", "cpu")]["error"]
@@ -157,6 +158,7 @@ def test_a_hung_claim_and_killed_workers_become_error_rows_and_the_bench_goes_on
     memory = got[("memory worker killed", "cpu")]
     assert memory["verdict"] == "error" and "killed by SIGKILL" in memory["error"]
     assert got[("after the faults", "cpu")]["verdict"] == "holds"
+    assert got[("starts ranks", "cpu")]["value"] == 5.0  # a worker may start processes (multi-rank claims)
 
 
 def run_cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Popen:

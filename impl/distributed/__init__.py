@@ -80,9 +80,22 @@ def trim_allocator() -> None:
         raise RuntimeError("mallopt(M_MMAP_THRESHOLD) refused: not glibc")
 
 
+def _die_with_parent() -> None:
+    """Linux: this rank gets SIGKILL when the process that spawned it dies (a bench worker killed on a
+    timeout), so no orphaned rank waits out its collective timeout."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _rank_main(rank: int, fn: Callable[..., Any], world_size: int, port: int, backend: str, threads: int,
                out_dir: str, args: tuple[Any, ...], timeout_s: float, trim: bool) -> None:
     """Body of one spawned rank: set up the group, run ``fn``, save its result (or its traceback)."""
+    _die_with_parent()
     if trim:
         trim_allocator()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
