@@ -31,7 +31,7 @@ def install(session: nox.Session, extras: str, *groups: str) -> None:
 def test(session: nox.Session) -> None:
     """Every spec-driven check (edge cases, hypothesis, mutants) and every unit test; the outcomes go
     to reports/out/checks.xml (stamped with the commit), which the report's project pages show."""
-    install(session, "gpu,data", "test")
+    install(session, "gpu,data,serve,ui", "test")
     # the micro-benchmarks (tests/test_micro.py) time, never judge: skipped unless asked for (-- --benchmark-only)
     skip = [] if any(a.startswith("--benchmark-") for a in session.posargs) else ["--benchmark-skip"]
     session.run("python", "-m", "pytest", "tests", "--junitxml=reports/out/checks.xml", *skip, *session.posargs)
@@ -41,7 +41,7 @@ def test(session: nox.Session) -> None:
 def micro(session: nox.Session) -> None:
     """Micro-benchmarks: each implementation of every exact/allclose check on its largest edge case, grouped by
     spec, autosaved in .benchmarks/ (`pytest-benchmark compare` shows a kernel's history across commits)."""
-    install(session, "gpu,data", "test")
+    install(session, "gpu,data,serve,ui", "test")
     session.run("python", "-m", "pytest", "tests/test_micro.py", "--benchmark-only", "--benchmark-autosave",
                 "--benchmark-columns=min,median,iqr,rounds", "--benchmark-sort=name",
                 *session.posargs)
@@ -57,7 +57,7 @@ def compare(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def nightly(session: nox.Session) -> None:
     """The spec-driven checks with the randomized hypothesis profile: 10x the examples, new ones each run."""
-    install(session, "gpu,data", "test")
+    install(session, "gpu,data,serve,ui", "test")
     session.run("python", "-m", "pytest", "tests/test_specs.py", "--junitxml=reports/out/checks.xml",
                 *session.posargs, env={"HYPOTHESIS_PROFILE": "nightly"})
 
@@ -65,7 +65,7 @@ def nightly(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Measure every claim and write reports/out/index.html (-- --quick, -- --gate, -- -k PROJECT)."""
-    install(session, "gpu,data", "bench")
+    install(session, "gpu,data,serve,ui", "bench")
     session.run("python", "-m", "harness", "bench", *session.posargs)
 
 
@@ -112,7 +112,7 @@ def asv(session: nox.Session) -> None:
     claims matching REGEX. ``nox -s asv -- HEAD~5..HEAD`` measures those commits (with HEAD~5) in
     environments asv builds itself under .asv/env, torch pinned by constraints.txt.
     """
-    install(session, "gpu,data", "bench")
+    install(session, "gpu,data,serve,ui", "bench")
     machine = asv_machine()
     session.run("asv", "machine", "--yes", *machine)
     args = list(session.posargs)

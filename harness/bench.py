@@ -112,7 +112,7 @@ def claim_row(claim: Claim, device: str, mode: str) -> dict[str, Any]:
         "bound": claim.bound, "guard": claim.guard, "gated": claim.gated, "guard_note": claim.guard_note,
         "unguarded": claim.unguarded, "review_note": claim.review_note, "devices": claim.devices,
         "note": claim.note, "device": device, "mode": mode, "value": None, "spread": None, "details": {},
-        "plots": [], "text": "",
+        "plots": [], "text": "", "images": [],
     }
 
 

@@ -6,6 +6,7 @@ Workloads in ``benchmarks/workloads`` call these; nothing here knows about specs
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -68,6 +69,25 @@ class Plot:
 
 
 @dataclass
+class Image:
+    """A picture a workload took (a browser screenshot): PNG bytes, base64 in results.json so a stored run is
+    self-contained; the report writes it beside the plots."""
+
+    title: str
+    png_base64: str
+
+    @classmethod
+    def from_png(cls, title: str, png: bytes) -> Image:
+        """Wrap PNG bytes; anything that is not a PNG is refused (a screenshot call that returned an error page)."""
+        if not png.startswith(b"\x89PNG\r\n\x1a\n"):
+            raise MeasurementError(f"image {title!r}: not PNG data (starts with {png[:8]!r})")
+        return cls(title, base64.b64encode(png).decode("ascii"))
+
+    def png(self) -> bytes:
+        return base64.b64decode(self.png_base64)
+
+
+@dataclass
 class Result:
     """A workload's answer: the claim's metric value, its spread, and what explains it."""
 
@@ -77,6 +97,7 @@ class Result:
     details: dict[str, Any] = field(default_factory=dict)
     plots: list[Plot] = field(default_factory=list)
     text: str = ""  # e.g. a generated sample, shown verbatim on the project page
+    images: list[Image] = field(default_factory=list)  # e.g. a screenshot of the UI under test
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form for results.json."""

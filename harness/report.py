@@ -1,8 +1,9 @@
 """Render ``reports/out/results.json`` into ``index.html`` (the claims ledger of all 30 projects)
-and one page per project with its plots (matplotlib PNGs)."""
+and one page per project with its plots (matplotlib PNGs) and images (screenshots a workload took)."""
 
 from __future__ import annotations
 
+import base64
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -60,7 +61,8 @@ def rejudge(results: dict[str, Any], specs: list[Spec] | None = None) -> dict[st
                 row = dict(row)
                 measured_as = {k: row.get(k) for k in ("bound", "guard")}
                 row |= {k: v for k, v in claim_row(claim, row.get("device", ""), row.get("mode", "")).items()
-                        if k not in ("device", "mode", "value", "spread", "details", "plots", "text")}
+                        if k not in ("device", "mode", "value", "spread", "details", "plots", "text",
+                                          "images")}
                 if row["verdict"] in REJUDGED and row.get("value") is not None:
                     row["verdict"], row["flagged"] = verdict_of(claim, float(row["value"]))
                     row["guard_crossed"] = guard_crossed(row["value"], claim.guard)
@@ -217,11 +219,16 @@ def render(results: dict[str, Any] | None = None, out_dir: Path = OUT_DIR) -> Pa
         project["checks_stale"] = checks["stale"]
         for claim in project["claims"]:
             totals[claim["verdict"]] += 1
-            claim["images"] = []
+            claim["plot_files"] = []
             for i, plot in enumerate(claim.get("plots") or []):
                 name = f"img/{project['slug']}-{re.sub(r'[^a-z0-9]+', '-', claim['name'].lower())}-{i}.png"
                 render_plot(plot, out_dir / name)
-                claim["images"].append(name)
+                claim["plot_files"].append(name)
+            claim["pictures"] = []
+            for i, image in enumerate(claim.get("images") or []):
+                name = f"img/{project['slug']}-{re.sub(r'[^a-z0-9]+', '-', claim['name'].lower())}-shot{i}.png"
+                (out_dir / name).write_bytes(base64.b64decode(image["png_base64"]))
+                claim["pictures"].append({"src": name, "title": image["title"]})
         page = env.get_template("project.html.j2").render(p=project)
         (out_dir / f"{project['project']:02d}_{project['slug']}.html").write_text(page)
     phases: dict[str, list[dict[str, Any]]] = {}

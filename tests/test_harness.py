@@ -11,7 +11,7 @@ import pytest
 
 from harness import bench, report
 from harness.checks import CheckFailed, run_case
-from harness.measure import interleaved, peak_memory_bytes, quartiles
+from harness.measure import Image, MeasurementError, Result, interleaved, peak_memory_bytes, quartiles
 from harness.spec import Check, SpecError, load_spec, load_specs
 
 GOOD = """
@@ -238,3 +238,27 @@ def test_report_renders_every_project_and_its_plots(tmp_path):
     assert "quick &middot; <code>01234567</code>" in html  # every row shows its mode and commit
     assert len(list(tmp_path.glob("*.html"))) == 31
     assert list((tmp_path / "img").glob("*.png"))
+
+
+def test_results_carry_images_and_the_report_shows_them(tmp_path):
+    """A screenshot a workload takes travels in results.json (base64) and lands on the project page as a file
+    with the same bytes."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    plt.figure(figsize=(1, 1)).savefig(buf, format="png")
+    plt.close("all")
+    png = buf.getvalue()
+    row = Result(1.0, images=[Image.from_png("chat in Chromium", png)]).to_json()
+    spec = next(s for s in load_specs(check_import=False) if s.claims)
+    claim = bench.claim_row(spec.claims[0], "cpu", "quick") | {"verdict": "holds"} | json.loads(json.dumps(row))
+    results = {"updated": "now", "projects": [bench.project_entry(spec) | {"claims": [claim]}]}
+    report.render(results, tmp_path)
+    shots = list((tmp_path / "img").glob("*-shot0.png"))
+    assert len(shots) == 1 and shots[0].read_bytes() == png
+    page = (tmp_path / f"{spec.project:02d}_{spec.slug}.html").read_text()
+    assert f'src="img/{shots[0].name}"' in page and "chat in Chromium" in page
+    with pytest.raises(MeasurementError, match="not PNG"):
+        Image.from_png("an error page", b"<html>500</html>")
