@@ -1,4 +1,4 @@
-"""Sessions users run: test, micro, bench, report, compare, asv, lint. Each installs what it needs on a fresh
+"""Sessions users run: test, micro, bench, report, compare, asv, lint, serve. Each installs what it needs on a fresh
 machine."""
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ def micro(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "tests/test_micro.py", "--benchmark-only", "--benchmark-autosave",
                 "--benchmark-columns=min,median,iqr,rounds", "--benchmark-sort=name",
                 *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def serve(session: nox.Session) -> None:
+    """The deployment in one command: the API (router + 2 model workers) and the chat UI
+    (``python -m impl.serving up``; ``nox -s serve -- --model chat --workers 3 --port 9000``)."""
+    install(session, "serve,ui")
+    session.run("python", "-m", "impl.serving", "up", *session.posargs)
 
 
 @nox.session(python=PYTHON)

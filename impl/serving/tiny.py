@@ -26,12 +26,13 @@ TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the m
 
 
 def tiny_chat_model(seed: int = 0, n_merges: int = 64, n_layer: int = 2, n_embd: int = 64,
-                    block_size: int = 256) -> tuple[GPT, Tokenizer]:
+                    block_size: int = 256, stops: bool = True) -> tuple[GPT, Tokenizer]:
     """``(model, tokenizer)``: a seeded random GPT over a BPE of ``256 + n_merges`` bytes and merges plus
     the six chat special tokens. Shaped so its noise reads as text: the embedding rows of unprintable bytes
     and of the special tokens other than ``<|end|>`` are zero (tied head: those ids never win), attention
     is sharpened so the context matters, and the final layer norm is scaled up so greedy decoding has no
-    near-ties (its tokens do not flip with the batch a request shares)."""
+    near-ties (its tokens do not flip with the batch a request shares). ``stops=False`` silences ``<|end|>``
+    too: every answer runs to ``max_tokens`` (a test that must stop an answer midway needs one that lasts)."""
     specials = list(SPECIAL_TOKENS)
     merges = train_merges(TEXT, 256 + n_merges + len(specials), special_tokens=specials)
     tokenizer = Tokenizer(merges, "gpt4", specials)
@@ -41,7 +42,7 @@ def tiny_chat_model(seed: int = 0, n_merges: int = 64, n_layer: int = 2, n_embd:
     with torch.no_grad():
         model.ln_f.weight.mul_(3.0)
         silent = [b for b in range(256) if not 32 <= b < 127]
-        silent += [i for t, i in tokenizer.special_tokens.items() if t != END]
+        silent += [i for t, i in tokenizer.special_tokens.items() if t != END or not stops]
         model.wte.weight[silent] = 0.0
         for block in model.blocks:
             block.attn.c_attn.weight.mul_(5.0)
