@@ -33,7 +33,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness.measure import Context, NotApplicable, Plot, Result
-from impl.serving.testing import stop_process_group
+from impl.serving.testing import read_url, stop_process_group
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "How do I boil an egg?",
              "Name three colours of the rainbow.", "Why is the sky blue?", "Tell me a short story.",
@@ -42,29 +42,15 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 
 # --- processes -----------------------------------------------------------------------------------------
 def start(cmd: Sequence[str], pattern: str, timeout_s: float, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    """Start ``cmd`` and wait for the URL its stdout announces (``pattern`` with one group); the process
-    keeps its stdout drained by a thread. Raises with the output seen when it exits or times out."""
+    """Start ``cmd`` and wait for the URL its stdout announces (``pattern`` with one group; ``read_url`` keeps
+    the stdout drained). Stops it and raises with the output seen when it exits or times out first."""
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env={**os.environ, **(env or {})}, start_new_session=True)
-    seen: list[str] = []
-    found: dict[str, str] = {}
-    ready = threading.Event()
-
-    def drain() -> None:
-        for line in proc.stdout:
-            seen.append(line)
-            m = re.search(pattern, line)
-            if m and "url" not in found:
-                found["url"] = m.group(1).rstrip("/")
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    ready.wait(timeout_s)
-    if "url" not in found:
+    try:
+        return proc, read_url(proc, timeout_s, re.compile(pattern)).rstrip("/")
+    except RuntimeError:
         stop(proc)
-        raise RuntimeError(f"{' '.join(cmd[:4])} did not start within {timeout_s:.0f} s:\n{''.join(seen[-20:])}")
-    return proc, found["url"]
+        raise
 
 
 stop = stop_process_group  # SIGTERM the process group (a router's workers too), SIGKILL it after 15 s
